@@ -1,0 +1,51 @@
+# Everything a fresh clone needs: `make demo` and `make test` create .venv and install what they use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ANP := $(VENV)/bin/anp-onnx
+INSTALLED := $(VENV)/.installed
+EXAMPLE := examples/badnets_resnet_bn
+OUT := out
+
+.PHONY: install demo test test-slow lint format fashion-mnist examples clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)
+	mkdir -p $(OUT)
+	$(ANP) purify $(EXAMPLE)/model.onnx --data $(EXAMPLE)/clean.npz \
+		--test-data $(EXAMPLE)/test.npz --poison-data $(EXAMPLE)/poison.npz \
+		-o $(OUT)/demo.purified.onnx --report $(OUT)/demo-report.json --force
+	$(ANP) evaluate $(OUT)/demo.purified.onnx --data $(EXAMPLE)/test.npz --poison-data $(EXAMPLE)/poison.npz
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q
+
+test-slow: $(INSTALLED)
+	$(PY) -m pytest -q -m slow
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check anp_onnx tools tests
+	$(VENV)/bin/ruff format --check anp_onnx tools tests
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff format anp_onnx tools tests
+	$(VENV)/bin/ruff check --fix anp_onnx tools tests
+
+# Fashion-MNIST ships as a Debian package; tools/ that train models need it.
+fashion-mnist:
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+# Regenerates the committed examples from fixed seeds (a few minutes on 2 CPU cores).
+examples: $(INSTALLED) fashion-mnist
+	$(PY) tools/make_examples.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

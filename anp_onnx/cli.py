@@ -1,0 +1,204 @@
+"""The `anp-onnx` command: parse options, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from anp_onnx.errors import AnpError
+
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+
+
+class AnpGroup(click.Group):
+    """Turns AnpError into one line on stderr and exit code 2 (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except AnpError as error:
+            if ctx.meta.get("debug"):
+                raise
+            click.echo(f"anp-onnx: error: {error}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("anp-onnx: interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=AnpGroup)
+@click.version_option(package_name="anp-onnx")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Repair backdoored ONNX classifiers with Adversarial Neuron Pruning."""
+    ctx.meta["debug"] = debug
+
+
+class ProgressBar:
+    """A progress bar on stderr that appears with the first step, so early errors print alone."""
+
+    def __init__(self, length: int, label: str) -> None:
+        self.length, self.label, self.bar = length, label, None
+
+    def step(self, _iteration: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(1)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
+
+
+def device_option(function):
+    return click.option(
+        "--device",
+        type=DEVICES,
+        default="auto",
+        show_default=True,
+        help="Where to optimise and evaluate: CUDA when available with auto.",
+    )(function)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--data", "data", type=click.Path(path_type=Path), required=True, help="Clean labelled samples (.npz x/y)."
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [MODEL.purified.onnx].")
+@click.option("--test-data", type=click.Path(path_type=Path), help="Clean test samples for ACC.")
+@click.option(
+    "--poison-data", type=click.Path(path_type=Path), help="Triggered samples labelled with the target, for ASR."
+)
+@click.option("--report", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@click.option("--iterations", type=click.IntRange(min=0), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--eps", type=click.FloatRange(min=0), default=0.4, show_default=True, help="Perturbation budget.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.2, show_default=True, help="Weight of the clean loss.")
+@click.option("--mask-lr", type=click.FloatRange(min=0, min_open=True), default=0.2, show_default=True)
+@click.option(
+    "--neuron-mode",
+    type=click.Choice(["batchnorm", "bias"]),
+    default="batchnorm",
+    show_default=True,
+    help="Layers without BatchNorm: re-create it while optimising (batchnorm) or perturb around the bias.",
+)
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Random crop and flip, as the paper.")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Prune masks below this [0.2].")
+@click.option(
+    "--prune-fraction", type=click.FloatRange(0, 1), help="Prune this share of neurons, smallest masks first."
+)
+@click.option("--prune-count", type=click.IntRange(min=0), help="Prune this many neurons, smallest masks first.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@device_option
+def purify(
+    model: Path,
+    data: Path,
+    output: Path | None,
+    test_data: Path | None,
+    poison_data: Path | None,
+    report: Path | None,
+    iterations: int,
+    batch_size: int,
+    eps: float,
+    alpha: float,
+    mask_lr: float,
+    neuron_mode: str,
+    augment: bool,
+    threshold: float | None,
+    prune_fraction: float | None,
+    prune_count: int | None,
+    seed: int,
+    force: bool,
+    device: str,
+) -> None:
+    """Optimise neuron masks on clean data, prune, and write the purified model."""
+    from anp_onnx.anp import AnpSettings
+    from anp_onnx.purify import PruningChoice
+    from anp_onnx.purify import purify as run_purify
+    from anp_onnx.report import before_after_table, purify_report, write_json
+
+    if sum(choice is not None for choice in (threshold, prune_fraction, prune_count)) > 1:
+        raise AnpError("choose one of --threshold, --prune-fraction and --prune-count")
+    settings = AnpSettings(
+        iterations=iterations,
+        batch_size=batch_size,
+        eps=eps,
+        alpha=alpha,
+        mask_lr=mask_lr,
+        augment=augment,
+        neuron_mode=neuron_mode,
+        seed=seed,
+    )
+    pruning = PruningChoice(threshold=threshold, fraction=prune_fraction, count=prune_count)
+    with ProgressBar(iterations, "optimising masks") as progress:
+        result = run_purify(
+            model,
+            data,
+            output,
+            test_data=test_data,
+            poison_data=poison_data,
+            settings=settings,
+            pruning=pruning,
+            device=device,
+            force=force,
+            on_iteration=progress.step,
+        )
+    summary = purify_report(result)
+    if report:
+        write_json(report, summary)
+    click.echo(f"pruned {summary['pruned_neurons']} of {summary['total_neurons']} neurons ({result.plan.criterion})")
+    click.echo(before_after_table(result.before, result.after))
+    click.echo(f"device {result.device}, onnxruntime {', '.join(result.providers)}")
+    click.echo(f"wrote {result.output}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Clean labelled test samples (.npz).")
+@click.option("--poison-data", type=click.Path(path_type=Path), help="Triggered samples labelled with the target.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@device_option
+def evaluate(model: Path, data: Path, poison_data: Path | None, as_json: bool, device: str) -> None:
+    """Measure ACC (and ASR) of a model with onnxruntime."""
+    from anp_onnx.data import load_samples
+    from anp_onnx.evaluate import Evaluator
+    from anp_onnx.model import input_shape, load_model
+    from anp_onnx.report import metrics_dict, percent
+
+    shape = input_shape(load_model(model))
+    clean = load_samples(data, shape, "--data")
+    poison = load_samples(poison_data, shape, "--poison-data") if poison_data else None
+    evaluator = Evaluator(model, device)
+    metrics = evaluator.measure(clean, poison)
+    if as_json:
+        click.echo(json.dumps({"model": str(model), **metrics_dict(metrics), "provider": evaluator.provider}, indent=2))
+        return
+    click.echo(f"ACC {percent(metrics.acc)} on {metrics.clean_samples} samples")
+    if poison is not None:
+        click.echo(f"ASR {percent(metrics.asr)} on {metrics.poison_samples} samples")
+    click.echo(f"onnxruntime {evaluator.provider}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Show inputs, outputs and prunable layers, and what cannot be handled."""
+    from anp_onnx.inspect_model import as_text, describe
+
+    description = describe(model)
+    click.echo(json.dumps(description, indent=2) if as_json else as_text(description))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""onnxruntime sessions and the two numbers that matter: clean accuracy (ACC) and attack success rate (ASR)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from anp_onnx.data import Samples
+from anp_onnx.errors import AnpError
+
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """ACC on clean labelled data and ASR on triggered data labelled with the attacker's target."""
+
+    acc: float | None
+    asr: float | None
+    clean_samples: int = 0
+    poison_samples: int = 0
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for `device` (auto|cpu|cuda); CUDA only where it is really there."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    has_cuda = "CUDAExecutionProvider" in available and _cuda_device_present()
+    if device == "cuda" and not has_cuda:
+        raise AnpError("--device cuda: no CUDA device is available to onnxruntime here; use --device cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda else ["CPUExecutionProvider"]
+
+
+def _cuda_device_present() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+
+
+class Evaluator:
+    """One onnxruntime session over a model file, batched predictions of its class output."""
+
+    def __init__(self, model_path: str | Path, device: str = "auto") -> None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers_for(device))
+        except AnpError:
+            raise
+        except Exception as error:
+            raise AnpError(f"{model_path}: onnxruntime cannot load the model ({error})") from None
+        self.input = self.session.get_inputs()[0]
+        self.output_name = self.session.get_outputs()[0].name
+        batch = self.input.shape[0] if self.input.shape else None
+        self.batch_size = batch if isinstance(batch, int) and batch > 0 else EVAL_BATCH
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def outputs(self, x: np.ndarray) -> np.ndarray:
+        """The class output for every sample, run in batches."""
+        chunks = [
+            self.session.run([self.output_name], {self.input.name: x[start : start + self.batch_size]})[0]
+            for start in range(0, len(x), self.batch_size)
+        ]
+        return np.concatenate(chunks)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        outputs = self.outputs(x)
+        return outputs.reshape(len(outputs), -1).argmax(axis=1)
+
+    def accuracy(self, samples: Samples) -> float:
+        """Share of samples predicted as their label (for poison data: the attack success rate)."""
+        return float(np.mean(self.predict(samples.x) == samples.y))
+
+    def measure(self, clean: Samples | None, poison: Samples | None) -> Metrics:
+        return Metrics(
+            acc=self.accuracy(clean) if clean is not None else None,
+            asr=self.accuracy(poison) if poison is not None else None,
+            clean_samples=len(clean) if clean is not None else 0,
+            poison_samples=len(poison) if poison is not None else 0,
+        )

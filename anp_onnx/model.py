@@ -1,0 +1,132 @@
+"""Loading ONNX files and reading their graph: producers, consumers and constants behind a tensor name."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from anp_onnx.errors import AnpError
+
+PASS_THROUGH_CONSTANT_OPS = frozenset({"Identity"})
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Read an ONNX file (external data included) or raise AnpError saying why it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnpError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as error:  # protobuf raises several unrelated types for corrupt files
+        raise AnpError(f"{path}: not a readable ONNX model ({type(error).__name__}: {error})") from None
+    if not model.graph.node:
+        raise AnpError(f"{path}: the ONNX graph has no nodes")
+    return model
+
+
+@dataclass
+class Graph:
+    """Read-only index over a ModelProto's main graph."""
+
+    model: onnx.ModelProto
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return list(self.model.graph.node)
+
+    @cached_property
+    def initializers(self) -> dict[str, onnx.TensorProto]:
+        return {tensor.name: tensor for tensor in self.model.graph.initializer}
+
+    @cached_property
+    def producer(self) -> dict[str, int]:
+        """Tensor name -> index of the node that outputs it."""
+        return {name: index for index, node in enumerate(self.model.graph.node) for name in node.output if name}
+
+    @cached_property
+    def consumers(self) -> dict[str, list[int]]:
+        """Tensor name -> indices of the nodes that read it."""
+        table: dict[str, list[int]] = {}
+        for index, node in enumerate(self.model.graph.node):
+            for name in node.input:
+                if name:
+                    table.setdefault(name, []).append(index)
+        return table
+
+    @cached_property
+    def output_names(self) -> set[str]:
+        return {output.name for output in self.model.graph.output}
+
+    def resolve_initializer(self, name: str) -> str | None:
+        """Name of the initializer behind `name`, following Identity nodes; None if it is not constant."""
+        seen = set()
+        while name not in self.initializers:
+            index = self.producer.get(name)
+            if index is None or index in seen:
+                return None
+            seen.add(index)
+            node = self.model.graph.node[index]
+            if node.op_type not in PASS_THROUGH_CONSTANT_OPS or not node.input:
+                return None
+            name = node.input[0]
+        return name
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """Value of a constant tensor (an initializer, possibly behind Identity), else None."""
+        initializer = self.resolve_initializer(name)
+        if initializer is None:
+            return None
+        return numpy_helper.to_array(self.initializers[initializer])
+
+    def uses(self, initializer: str) -> int:
+        """How many node inputs and graph outputs read this tensor."""
+        return len(self.consumers.get(initializer, [])) + (initializer in self.output_names)
+
+    def node_label(self, index: int) -> str:
+        node = self.model.graph.node[index]
+        return node.name or f"{node.op_type}_{index}"
+
+
+def graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The model's single data input (graph inputs that are not initializers)."""
+    initializer_names = {tensor.name for tensor in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializer_names]
+    if len(inputs) != 1:
+        names = ", ".join(value.name for value in inputs) or "none"
+        raise AnpError(f"the model must have exactly one data input, it has {len(inputs)} ({names})")
+    return inputs[0]
+
+
+def input_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
+    """Static dims of the data input; None for symbolic or unknown dims."""
+    tensor_type = graph_input(model).type.tensor_type
+    return tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim)
+
+
+def normalised_for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy that onnx2torch can convert: nodes named `node_<index>` after their position in the
+    original graph, and Identity nodes on initializers bypassed (onnx2torch fails on those)."""
+    graph = Graph(model)
+    result = copy.deepcopy(model)
+    for index, node in enumerate(result.graph.node):
+        node.name = f"node_{index}"
+    keep = []
+    for node in result.graph.node:
+        is_constant_identity = node.op_type == "Identity" and graph.resolve_initializer(node.output[0])
+        if is_constant_identity and node.output[0] not in graph.output_names:
+            continue
+        keep.append(node)
+    for node in keep:
+        for position, name in enumerate(node.input):
+            resolved = graph.resolve_initializer(name) if name else None
+            if resolved is not None and resolved != name:
+                node.input[position] = resolved
+    del result.graph.node[:]
+    result.graph.node.extend(keep)
+    return result

@@ -1,0 +1,65 @@
+"""Pruning plans: which neurons to prune, decided from the mask values, and what each then outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PrunedNeuron:
+    layer: str
+    channel: int
+    mask: float
+    value: float  # the constant the channel outputs once pruned
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """The decision, inspectable and serialisable; `rewrite.py` carries it out."""
+
+    criterion: str
+    neurons: tuple[PrunedNeuron, ...]
+
+    def channels_of(self, layer: str) -> list[int]:
+        return [neuron.channel for neuron in self.neurons if neuron.layer == layer]
+
+
+@dataclass(frozen=True)
+class MaskValues:
+    """Optimised masks and pruned values per layer, in neuron-map order."""
+
+    masks: dict[str, np.ndarray]
+    pruned_values: dict[str, np.ndarray]
+
+    def ranked(self) -> list[PrunedNeuron]:
+        """All neurons, smallest mask first (ties: graph order)."""
+        neurons = [
+            PrunedNeuron(layer, channel, float(mask[channel]), float(self.pruned_values[layer][channel]))
+            for layer, mask in self.masks.items()
+            for channel in range(len(mask))
+        ]
+        order = sorted(range(len(neurons)), key=lambda index: (neurons[index].mask, index))
+        return [neurons[index] for index in order]
+
+    @property
+    def total(self) -> int:
+        return sum(len(mask) for mask in self.masks.values())
+
+
+def by_threshold(values: MaskValues, threshold: float) -> PruningPlan:
+    """Prune every neuron whose mask is below `threshold` (the paper uses 0.2)."""
+    chosen = tuple(neuron for neuron in values.ranked() if neuron.mask < threshold)
+    return PruningPlan(f"threshold<{threshold:g}", chosen)
+
+
+def by_count(values: MaskValues, count: int) -> PruningPlan:
+    """Prune the `count` neurons with the smallest masks."""
+    return PruningPlan(f"count={count}", tuple(values.ranked()[: max(0, count)]))
+
+
+def by_fraction(values: MaskValues, fraction: float) -> PruningPlan:
+    """Prune the given share of all neurons, smallest masks first."""
+    count = round(fraction * values.total)
+    return PruningPlan(f"fraction={fraction:g}", by_count(values, count).neurons)

@@ -1,0 +1,185 @@
+"""The pipeline: ONNX in, masks optimised in torch, plan, rewritten ONNX out, checked with onnxruntime."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anp_onnx import anp, prune
+from anp_onnx.anp import AnpSettings
+from anp_onnx.data import Samples, load_samples
+from anp_onnx.errors import AnpError
+from anp_onnx.evaluate import Evaluator, Metrics
+from anp_onnx.importer import check_equivalence, import_model
+from anp_onnx.model import input_shape, load_model
+from anp_onnx.neurons import NeuronMap, build_neuron_map
+from anp_onnx.prune import MaskValues, PruningPlan
+from anp_onnx.rewrite import apply_plan, save_model
+
+CHECK_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class PruningChoice:
+    """How many neurons to prune: exactly one of the three is used (threshold by default)."""
+
+    threshold: float | None = 0.2
+    fraction: float | None = None
+    count: int | None = None
+
+    def plan(self, values: MaskValues) -> PruningPlan:
+        if self.count is not None:
+            return prune.by_count(values, self.count)
+        if self.fraction is not None:
+            return prune.by_fraction(values, self.fraction)
+        return prune.by_threshold(values, 0.2 if self.threshold is None else self.threshold)
+
+
+@dataclass
+class PurifyResult:
+    model: Path
+    output: Path
+    before: Metrics
+    after: Metrics
+    plan: PruningPlan
+    masks: MaskValues
+    neuron_map: NeuronMap
+    settings: AnpSettings
+    pruning: PruningChoice
+    device: str
+    providers: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_output(model_path: Path) -> Path:
+    return model_path.with_name(f"{model_path.stem}.purified.onnx")
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> CUDA when torch sees a GPU, else CPU; an explicit choice must be available."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise AnpError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AnpError("--device cuda: no CUDA device is available to torch here; use --device cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 3)
+
+
+def purify(
+    model_path: str | Path,
+    data_path: str | Path,
+    output_path: str | Path | None = None,
+    *,
+    test_data: str | Path | None = None,
+    poison_data: str | Path | None = None,
+    settings: AnpSettings | None = None,
+    pruning: PruningChoice | None = None,
+    device: str = "auto",
+    force: bool = False,
+    on_iteration: Callable[[int], None] | None = None,
+) -> PurifyResult:
+    """Purify one model; returns everything the CLI prints and the report holds."""
+    settings, pruning = settings or AnpSettings(), pruning or PruningChoice()
+    model_path = Path(model_path)
+    output = Path(output_path) if output_path else default_output(model_path)
+    _check_output(model_path, output, force)
+    if settings.neuron_mode not in anp.NEURON_MODES:
+        raise AnpError(f"unknown neuron mode {settings.neuron_mode!r}: use one of {', '.join(anp.NEURON_MODES)}")
+    torch_device = resolve_device(device)
+    timings: dict[str, float] = {}
+
+    with _timed(timings, "load"):
+        model = load_model(model_path)
+        neuron_map = build_neuron_map(model)
+        if not neuron_map.layers:
+            raise AnpError(f"{model_path}: no prunable layers found (see `anp-onnx inspect`)")
+        shape = input_shape(model)
+        clean = load_samples(data_path, shape, "--data")
+        test = load_samples(test_data, shape, "--test-data") if test_data else None
+        poison = load_samples(poison_data, shape, "--poison-data") if poison_data else None
+        before_evaluator = Evaluator(model_path, device)
+        _check_labels(before_evaluator, clean, "--data")
+
+    with _timed(timings, "import"):
+        classifier = import_model(model, neuron_map, renormalise=True).to(torch_device)
+        sample = clean.x[:CHECK_SAMPLES]
+        check_equivalence(classifier, sample, before_evaluator.outputs(sample), str(model_path))
+
+    with _timed(timings, "optimise"):
+        torch.manual_seed(settings.seed)
+        x, y = anp.tensors(clean.x, clean.y, torch_device)
+        anp.calibrate(classifier, x, settings)
+        values = anp.optimise_masks(classifier, x, y, settings, on_iteration)
+
+    with _timed(timings, "rewrite"):
+        plan = pruning.plan(values)
+        save_model(apply_plan(model, neuron_map, plan), output)
+
+    with _timed(timings, "evaluate"):
+        after_evaluator = Evaluator(output, device)
+        _check_rewrite(classifier, plan, sample, after_evaluator.outputs(sample))
+        before = before_evaluator.measure(test, poison)
+        after = after_evaluator.measure(test, poison)
+
+    return PurifyResult(
+        model=model_path,
+        output=output,
+        before=before,
+        after=after,
+        plan=plan,
+        masks=values,
+        neuron_map=neuron_map,
+        settings=settings,
+        pruning=pruning,
+        device=str(torch_device),
+        providers=[before_evaluator.provider],
+        timings=timings,
+    )
+
+
+def _check_output(model_path: Path, output: Path, force: bool) -> None:
+    if output.resolve() == model_path.resolve():
+        raise AnpError(f"output {output} is the input model: choose another path with -o")
+    if output.exists() and not force:
+        raise AnpError(f"output {output} exists: pass --force to replace it, or choose another path with -o")
+
+
+def _check_labels(evaluator: Evaluator, samples: Samples, what: str) -> None:
+    classes = int(np.prod(evaluator.outputs(samples.x[:1]).shape[1:]))
+    if samples.y.min() < 0 or samples.y.max() >= classes:
+        raise AnpError(f"{what}: labels must lie in 0..{classes - 1} (the model has {classes} classes)")
+
+
+def _check_rewrite(classifier, plan: PruningPlan, inputs: np.ndarray, rewritten_outputs: np.ndarray) -> None:
+    """The rewritten file must compute what the torch model computes with the same hard masks."""
+    hard_masks(classifier, plan)
+    try:
+        check_equivalence(classifier, inputs, rewritten_outputs, "rewritten model")
+    except AnpError as error:
+        raise RuntimeError(f"internal check failed: {error}") from None
+
+
+def hard_masks(classifier, plan: PruningPlan) -> None:
+    """Set every gate's mask to 0 for the plan's neurons and 1 elsewhere, noise off."""
+    with torch.no_grad():
+        for layer, gate in zip(classifier.neuron_map.layers, classifier.gates, strict=True):
+            gate.mask.fill_(1.0)
+            channels = plan.channels_of(layer.name)
+            if channels:
+                gate.mask[channels] = 0.0
+            gate.perturbed = False
+            gate.optimising = False

@@ -1,0 +1,47 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from anp_onnx.errors import AnpError
+from anp_onnx.importer import convert_to_torch
+from anp_onnx.model import Graph, load_model, normalised_for_torch
+
+
+def test_torchscript_export_with_kept_batch_norm_has_identity_initializers(models):
+    model = onnx.load(str(models["batchnorm"]))
+    graph = Graph(model)
+    identities = [node for node in model.graph.node if node.op_type == "Identity"]
+    assert identities, "the PRESERVE export should emit Identity nodes on BatchNorm weights"
+    assert all(graph.resolve_initializer(node.output[0]) == node.input[0] for node in identities)
+
+
+def test_normalisation_removes_identity_initializers_and_names_nodes_by_position(models):
+    model = onnx.load(str(models["batchnorm"]))
+    normalised = normalised_for_torch(model)
+    assert not [node for node in normalised.graph.node if node.op_type == "Identity"]
+    kept_positions = [index for index, node in enumerate(model.graph.node) if node.op_type != "Identity"]
+    assert [node.name for node in normalised.graph.node] == [f"node_{index}" for index in kept_positions]
+    assert len(model.graph.node) > len(normalised.graph.node), "the input model itself is left as it was"
+
+
+def test_the_normalised_export_converts_and_agrees_with_onnxruntime(models, image_samples):
+    model = onnx.load(str(models["batchnorm"]))
+    module = convert_to_torch(model).eval()
+    x = np.load(image_samples)["x"][:8]
+    expected = ort.InferenceSession(str(models["batchnorm"]), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x}
+    )
+    with torch.no_grad():
+        actual = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(actual, expected[0], atol=1e-5)
+
+
+def test_load_model_names_the_problem(tmp_path):
+    with pytest.raises(AnpError, match="no such file"):
+        load_model(tmp_path / "missing.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07this is not a protobuf\xff\xff")
+    with pytest.raises(AnpError, match="not a readable ONNX model"):
+        load_model(corrupt)
