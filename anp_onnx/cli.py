@@ -39,18 +39,25 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 class ProgressBar:
-    """A progress bar on stderr that appears with the first step, so early errors print alone."""
+    """Progress on stderr, from the first step on (so early errors print alone): a bar on a terminal,
+    a line every tenth of the way otherwise (logs of pipelines)."""
 
     def __init__(self, length: int, label: str) -> None:
         self.length, self.label, self.bar = length, label, None
+        self.done = 0
 
     def step(self, _iteration: int) -> None:
+        self.done += 1
+        if not sys.stderr.isatty():
+            if self.done == self.length or self.done % max(1, self.length // 10) == 0:
+                click.echo(f"{self.label}: {self.done}/{self.length}", err=True)
+            return
         if self.bar is None:
             self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr)
             self.bar.__enter__()
         self.bar.update(1)
 
-    def __enter__(self) -> "ProgressBar":
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

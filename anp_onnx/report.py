@@ -43,6 +43,7 @@ def purify_report(result: PurifyResult) -> dict[str, object]:
                 "channels": layer.channels,
                 "pruned": pruned_per_layer[layer.name],
                 "masks": [round(float(value), 6) for value in result.masks.masks[layer.name]],
+                "pruned_values": [float(value) for value in result.masks.pruned_values[layer.name]],
             }
             for layer in result.neuron_map.layers
         ],

@@ -1,0 +1,1 @@
+"""Developer scripts that build backdoored example models (not part of the installed package)."""
