@@ -104,6 +104,18 @@ def device_option(function):
     "--prune-fraction", type=click.FloatRange(0, 1), help="Prune this share of neurons, smallest masks first."
 )
 @click.option("--prune-count", type=click.IntRange(min=0), help="Prune this many neurons, smallest masks first.")
+@click.option(
+    "--max-acc-drop",
+    type=click.FloatRange(0, 1),
+    help="Prune the most neurons whose accuracy on held-out clean data drops by at most this (0.02 = 2 points).",
+)
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Share of --data held out from the optimisation for --max-acc-drop.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @device_option
@@ -124,6 +136,8 @@ def purify(
     threshold: float | None,
     prune_fraction: float | None,
     prune_count: int | None,
+    max_acc_drop: float | None,
+    holdout: float,
     seed: int,
     force: bool,
     device: str,
@@ -134,8 +148,8 @@ def purify(
     from anp_onnx.purify import purify as run_purify
     from anp_onnx.report import before_after_table, purify_report, write_json
 
-    if sum(choice is not None for choice in (threshold, prune_fraction, prune_count)) > 1:
-        raise AnpError("choose one of --threshold, --prune-fraction and --prune-count")
+    if sum(choice is not None for choice in (threshold, prune_fraction, prune_count, max_acc_drop)) > 1:
+        raise AnpError("choose one of --threshold, --prune-fraction, --prune-count and --max-acc-drop")
     settings = AnpSettings(
         iterations=iterations,
         batch_size=batch_size,
@@ -146,7 +160,9 @@ def purify(
         neuron_mode=neuron_mode,
         seed=seed,
     )
-    pruning = PruningChoice(threshold=threshold, fraction=prune_fraction, count=prune_count)
+    pruning = PruningChoice(
+        threshold=threshold, fraction=prune_fraction, count=prune_count, max_acc_drop=max_acc_drop, holdout=holdout
+    )
     with ProgressBar(iterations, "optimising masks") as progress:
         result = run_purify(
             model,

@@ -22,12 +22,29 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if not path.is_file():
         raise AnpError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # protobuf raises several unrelated types for corrupt files
         raise AnpError(f"{path}: not a readable ONNX model ({type(error).__name__}: {error})") from None
+    _check_external_locations(model, path)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as error:
+        raise AnpError(f"{path}: cannot read its external data ({type(error).__name__}: {error})") from None
     if not model.graph.node:
         raise AnpError(f"{path}: the ONNX graph has no nodes")
     return model
+
+
+def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external-data locations that are absolute or leave the model's folder, before reading any."""
+    folder = path.parent.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise AnpError(f"{path}: initializer {tensor.name!r} points outside the model's folder ({location!r})")
 
 
 @dataclass

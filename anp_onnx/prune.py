@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,3 +64,21 @@ def by_fraction(values: MaskValues, fraction: float) -> PruningPlan:
     """Prune the given share of all neurons, smallest masks first."""
     count = round(fraction * values.total)
     return PruningPlan(f"fraction={fraction:g}", by_count(values, count).neurons)
+
+
+def by_accuracy_budget(
+    values: MaskValues,
+    max_drop: float,
+    accuracy_of: Callable[[PruningPlan], float],
+    max_fraction: float = 0.5,
+) -> PruningPlan:
+    """The most neurons (smallest masks first, counts on a grid of 1% of all neurons, up to
+    `max_fraction`) whose held-out clean accuracy stays within `max_drop` of the unpruned model's."""
+    ranked = values.ranked()
+    baseline = accuracy_of(PruningPlan("none", ()))
+    step = max(1, values.total // 100)
+    chosen = 0
+    for count in range(step, int(values.total * max_fraction) + 1, step):
+        if baseline - accuracy_of(PruningPlan(f"count={count}", tuple(ranked[:count]))) <= max_drop:
+            chosen = count
+    return PruningPlan(f"max-acc-drop={max_drop:g}", tuple(ranked[:chosen]))

@@ -27,13 +27,19 @@ CHECK_SAMPLES = 16
 
 @dataclass(frozen=True)
 class PruningChoice:
-    """How many neurons to prune: exactly one of the three is used (threshold by default)."""
+    """How many neurons to prune: one of these is used (threshold 0.2 by default). `max_acc_drop`
+    holds out `holdout` of the clean data from the optimisation and prunes the most neurons whose
+    accuracy on it drops by at most that much."""
 
     threshold: float | None = 0.2
     fraction: float | None = None
     count: int | None = None
+    max_acc_drop: float | None = None
+    holdout: float = 0.2
 
-    def plan(self, values: MaskValues) -> PruningPlan:
+    def plan(self, values: MaskValues, accuracy_of: Callable[[PruningPlan], float] | None = None) -> PruningPlan:
+        if self.max_acc_drop is not None and accuracy_of is not None:
+            return prune.by_accuracy_budget(values, self.max_acc_drop, accuracy_of)
         if self.count is not None:
             return prune.by_count(values, self.count)
         if self.fraction is not None:
@@ -121,12 +127,14 @@ def purify(
 
     with _timed(timings, "optimise"):
         torch.manual_seed(settings.seed)
-        x, y = anp.tensors(clean.x, clean.y, torch_device)
+        optimise_on, held_out = split_holdout(clean, pruning, settings.seed)
+        x, y = anp.tensors(optimise_on.x, optimise_on.y, torch_device)
         anp.calibrate(classifier, x, settings)
         values = anp.optimise_masks(classifier, x, y, settings, on_iteration)
 
     with _timed(timings, "rewrite"):
-        plan = pruning.plan(values)
+        accuracy_of = _held_out_accuracy(classifier, held_out, torch_device) if held_out else None
+        plan = pruning.plan(values, accuracy_of)
         save_model(apply_plan(model, neuron_map, plan), output)
 
     with _timed(timings, "evaluate"):
@@ -149,6 +157,30 @@ def purify(
         providers=[before_evaluator.provider],
         timings=timings,
     )
+
+
+def split_holdout(clean: Samples, pruning: PruningChoice, seed: int) -> tuple[Samples, Samples | None]:
+    """Samples to optimise on and, when the pruning amount is chosen by accuracy, samples held out for that."""
+    if pruning.max_acc_drop is None:
+        return clean, None
+    count = round(len(clean) * pruning.holdout)
+    if count < 1 or count >= len(clean):
+        raise AnpError(f"--holdout {pruning.holdout:g} leaves no samples on one side of {len(clean)}")
+    order = np.random.default_rng(seed).permutation(len(clean))
+    held, kept = order[:count], order[count:]
+    return Samples(clean.x[kept], clean.y[kept]), Samples(clean.x[held], clean.y[held])
+
+
+def _held_out_accuracy(classifier, held_out: Samples, device: torch.device) -> Callable[[PruningPlan], float]:
+    x, y = anp.tensors(held_out.x, held_out.y, device)
+
+    def accuracy_of(plan: PruningPlan) -> float:
+        hard_masks(classifier, plan)
+        classifier.eval()
+        with torch.no_grad():
+            return float((classifier(x).argmax(1) == y).float().mean())
+
+    return accuracy_of
 
 
 def _check_output(model_path: Path, output: Path, force: bool) -> None:

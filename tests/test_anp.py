@@ -86,7 +86,7 @@ def test_augmentation_crops_and_flips_without_changing_the_shape():
 
 
 def test_batchnorm_mode_gives_folded_conv_channels_their_clean_mean_as_pruned_value(models, image_samples):
-    classifier, x, _ = prepared(models["folded"], image_samples, AnpSettings(neuron_mode="batchnorm"))
+    classifier, _, _ = prepared(models["folded"], image_samples, AnpSettings(neuron_mode="batchnorm"))
     gate = classifier.gates[0]
     assert gate.renormalise
     assert torch.allclose(gate.pruned_value, gate.reference_mean)

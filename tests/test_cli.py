@@ -161,3 +161,27 @@ def test_the_bundled_backdoored_example_is_backdoored_and_purify_runs_on_it(tmp_
     assert result.exit_code == 0, result.output
     summary = json.loads(report.read_text())
     assert summary["before"]["asr"] > 0.9 and summary["before"]["acc"] > 0.85
+
+
+def test_max_acc_drop_chooses_the_amount_on_held_out_clean_data(tmp_path, models, image_samples):
+    report = tmp_path / "r.json"
+    result = invoke(
+        "purify",
+        models["batchnorm"],
+        "--data",
+        image_samples,
+        "-o",
+        tmp_path / "o.onnx",
+        "--iterations",
+        3,
+        "--batch-size",
+        8,
+        "--max-acc-drop",
+        0.05,
+        "--report",
+        report,
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(report.read_text())
+    assert summary["criterion"] == "max-acc-drop=0.05"
+    assert summary["settings"]["holdout"] == 0.2

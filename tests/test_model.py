@@ -45,3 +45,29 @@ def test_load_model_names_the_problem(tmp_path):
     corrupt.write_bytes(b"\x08\x07this is not a protobuf\xff\xff")
     with pytest.raises(AnpError, match="not a readable ONNX model"):
         load_model(corrupt)
+
+
+def test_a_model_with_external_data_loads_from_beside_it(tmp_path, models):
+    model = onnx.load(str(models["folded"]))
+    onnx.save_model(
+        model, str(tmp_path / "external.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
+    loaded = load_model(tmp_path / "external.onnx")
+    original = onnx.load(str(models["folded"]))  # save_model moved the data out of `model`
+    assert [t.raw_data for t in loaded.graph.initializer] == [t.raw_data for t in original.graph.initializer]
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../secret.bin"])
+def test_external_data_outside_the_model_folder_is_refused_before_reading(tmp_path, models, location):
+    model = onnx.load(str(models["folded"]))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    hostile = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for tensor in hostile.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    (folder / "m.onnx").write_bytes(hostile.SerializeToString())
+    with pytest.raises(AnpError, match="points outside the model's folder"):
+        load_model(folder / "m.onnx")
