@@ -9,7 +9,8 @@ statistics meanwhile (train mode); layers without BatchNorm get the same through
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -88,19 +89,18 @@ def optimise_masks(
         parameter.requires_grad_(False)
     gates = list(classifier.gates)
     masks = [gate.mask for gate in gates]
-    noises = [noise for gate in gates for noise in (gate.noise_weight, gate.noise_bias)]
+    noises = noise_parameters(classifier)
     mask_optimizer = torch.optim.SGD(masks, lr=settings.mask_lr, momentum=settings.momentum)
-    _enter_optimisation(classifier)
-    try:
+    with optimisation_mode(classifier):
         for iteration in range(settings.iterations):
             images, labels = _batch(x, y, settings, generator)
             if settings.eps > 0:
-                _adversarial_noise(classifier, images, labels, noises, settings.eps, generator)
+                adversarial_noise(classifier, images, labels, noises, settings.eps, generator)
             mask_optimizer.zero_grad(set_to_none=True)
-            _set_perturbed(gates, False)
+            set_perturbed(gates, False)
             natural = classifier.loss(classifier(images), labels)
             if settings.eps > 0:
-                _set_perturbed(gates, True)
+                set_perturbed(gates, True)
                 robust = classifier.loss(classifier(images), labels)
                 loss = settings.alpha * natural + (1 - settings.alpha) * robust
             else:
@@ -112,8 +112,6 @@ def optimise_masks(
                     mask.clamp_(0.0, 1.0)
             if on_iteration is not None:
                 on_iteration(iteration)
-    finally:
-        _leave_optimisation(classifier)
     return mask_values(classifier)
 
 
@@ -125,7 +123,11 @@ def mask_values(classifier: GatedClassifier) -> MaskValues:
     )
 
 
-def _adversarial_noise(
+def noise_parameters(classifier: GatedClassifier) -> list[torch.nn.Parameter]:
+    return [noise for gate in classifier.gates for noise in (gate.noise_weight, gate.noise_bias)]
+
+
+def adversarial_noise(
     classifier: GatedClassifier,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -138,7 +140,7 @@ def _adversarial_noise(
     with torch.no_grad():
         for noise in noises:
             noise.copy_(torch.rand(noise.shape, generator=generator, device=noise.device) * 2 * eps - eps)
-    _set_perturbed(classifier.gates, True)
+    set_perturbed(classifier.gates, True)
     loss = classifier.loss(classifier(images), labels)
     gradients = torch.autograd.grad(loss, noises)
     with torch.no_grad():
@@ -146,25 +148,27 @@ def _adversarial_noise(
             noise.add_(eps * torch.sign(gradient))
 
 
-def _set_perturbed(gates, perturbed: bool) -> None:
+def set_perturbed(gates, perturbed: bool) -> None:
     for gate in gates:
         gate.perturbed = perturbed
 
 
-def _enter_optimisation(classifier: GatedClassifier) -> None:
+@contextmanager
+def optimisation_mode(classifier: GatedClassifier) -> Iterator[None]:
+    """BatchNorm (kept or re-created by the gates) on batch statistics, the rest in eval mode."""
     classifier.eval()
     for module in classifier.batch_norm_modules():
         module.train()
         module.momentum = 0.0  # batch statistics, running statistics left as they are
     for gate in classifier.gates:
         gate.optimising = True
-
-
-def _leave_optimisation(classifier: GatedClassifier) -> None:
-    classifier.eval()
-    for gate in classifier.gates:
-        gate.optimising = False
-        gate.perturbed = False
+    try:
+        yield
+    finally:
+        classifier.eval()
+        for gate in classifier.gates:
+            gate.optimising = False
+            gate.perturbed = False
 
 
 def _batch(

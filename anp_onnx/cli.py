@@ -223,5 +223,26 @@ def inspect(model: Path, as_json: bool) -> None:
     click.echo(json.dumps(description, indent=2) if as_json else as_text(description))
 
 
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Clean labelled samples (.npz).")
+@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.4, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@device_option
+def scan(model: Path, data: Path, eps: float, rounds: int, seed: int, as_json: bool, device: str) -> None:
+    """Trigger-free check: do adversarial neuron perturbations push clean inputs onto one label?"""
+    from anp_onnx.scan import scan as run_scan
+
+    result = run_scan(model, data, eps=eps, rounds=rounds, seed=seed, device=device)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    verdict = "suspicious" if result.suspicious else "no sign of a backdoor"
+    click.echo(f"{verdict}: score {result.score:.3f}, suspected target {result.suspected_target}")
+    click.echo(f"errors under perturbation {100 * result.error_rate:.1f}%; by label {result.label_histogram}")
+
+
 if __name__ == "__main__":
     main()

@@ -52,9 +52,9 @@ def test_optimisation_leaves_the_model_weights_and_batch_norm_statistics_alone(m
 def test_the_inner_step_moves_noise_by_eps_along_the_loss_gradient_sign(models, image_samples):
     classifier, x, y = prepared(models["folded"], image_samples)
     eps = 0.4
-    noises = [noise for gate in classifier.gates for noise in (gate.noise_weight, gate.noise_bias)]
+    noises = anp.noise_parameters(classifier)
     generator = torch.Generator().manual_seed(0)
-    anp._adversarial_noise(classifier, x[:32], y[:32], noises, eps, generator)
+    anp.adversarial_noise(classifier, x[:32], y[:32], noises, eps, generator)
     values = torch.cat([noise.detach() for noise in noises])
     assert values.abs().max() <= 2 * eps + 1e-6, "random start in [-eps, eps] plus one step of eps, not clipped"
     assert (values.abs() > eps).any(), "the step goes beyond the random start's range for some neurons"
@@ -64,14 +64,14 @@ def test_the_inner_step_moves_noise_by_eps_along_the_loss_gradient_sign(models, 
 
 def test_the_adversarial_step_raises_the_clean_loss(models, image_samples):
     classifier, x, y = prepared(models["folded"], image_samples)
-    noises = [noise for gate in classifier.gates for noise in (gate.noise_weight, gate.noise_bias)]
-    anp._enter_optimisation(classifier)
-    anp._adversarial_noise(classifier, x, y, noises, 0.4, torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        adversarial = classifier.loss(classifier(x), y).item()
-        for noise in noises:
-            noise.copy_(torch.rand(noise.shape, generator=torch.Generator().manual_seed(1)) * 0.8 - 0.4)
-        random = classifier.loss(classifier(x), y).item()
+    noises = anp.noise_parameters(classifier)
+    with anp.optimisation_mode(classifier):
+        anp.adversarial_noise(classifier, x, y, noises, 0.4, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            adversarial = classifier.loss(classifier(x), y).item()
+            for noise in noises:
+                noise.copy_(torch.rand(noise.shape, generator=torch.Generator().manual_seed(1)) * 0.8 - 0.4)
+            random = classifier.loss(classifier(x), y).item()
     assert adversarial > random
 
 

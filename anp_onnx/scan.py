@@ -1,0 +1,94 @@
+"""A trigger-free backdoor check: adversarial neuron perturbations flip a backdoored model's clean
+inputs mostly onto one label (the target), while a clean model's errors spread over many labels."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anp_onnx import anp
+from anp_onnx.anp import AnpSettings
+from anp_onnx.data import load_samples
+from anp_onnx.errors import AnpError
+from anp_onnx.importer import import_model
+from anp_onnx.model import input_shape, load_model
+from anp_onnx.neurons import build_neuron_map
+from anp_onnx.purify import resolve_device
+
+SUSPICIOUS_SCORE = 0.3  # provisional: set from five bundled models (docs/METHOD.md)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """`score`: share of perturbation-induced errors that land on the most hit label."""
+
+    model: str
+    score: float
+    suspected_target: int
+    error_rate: float
+    label_histogram: list[int]
+    suspicious: bool
+    eps: float
+    rounds: int
+    device: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def scan(
+    model_path: str | Path,
+    data_path: str | Path,
+    *,
+    eps: float = 0.4,
+    rounds: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+) -> ScanResult:
+    """Perturb the neurons adversarially `rounds` times (a fresh random start each) and count where
+    the clean samples that become misclassified go."""
+    if rounds < 1:
+        raise AnpError("--rounds must be at least 1")
+    torch_device = resolve_device(device)
+    model = load_model(model_path)
+    neuron_map = build_neuron_map(model)
+    if not neuron_map.layers:
+        raise AnpError(f"{model_path}: no prunable layers found (see `anp-onnx inspect`)")
+    clean = load_samples(data_path, input_shape(model), "--data")
+    classifier = import_model(model, neuron_map, renormalise=True).to(torch_device)
+    x, y = anp.tensors(clean.x, clean.y, torch_device)
+    anp.calibrate(classifier, x, AnpSettings(seed=seed))
+    generator = torch.Generator(device=torch_device).manual_seed(seed)
+    noises = anp.noise_parameters(classifier)
+    histogram: np.ndarray | None = None
+    errors = 0
+    with anp.optimisation_mode(classifier):
+        for _ in range(rounds):
+            anp.adversarial_noise(classifier, x, y, noises, eps, generator)
+            with torch.no_grad():
+                predicted = classifier(x).argmax(1)
+            wrong = predicted != y
+            counts = torch.bincount(predicted[wrong], minlength=int(predicted.max()) + 1).cpu().numpy()
+            histogram = counts if histogram is None else _add(histogram, counts)
+            errors += int(wrong.sum())
+    target = int(np.argmax(histogram))
+    score = float(histogram[target] / max(1, histogram.sum()))
+    return ScanResult(
+        model=str(model_path),
+        score=round(score, 4),
+        suspected_target=target,
+        error_rate=round(errors / (rounds * len(y)), 4),
+        label_histogram=[int(count) for count in histogram],
+        suspicious=score >= SUSPICIOUS_SCORE,
+        eps=eps,
+        rounds=rounds,
+        device=str(torch_device),
+    )
+
+
+def _add(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    size = max(len(left), len(right))
+    return np.pad(left, (0, size - len(left))) + np.pad(right, (0, size - len(right)))
