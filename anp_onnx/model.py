@@ -121,8 +121,14 @@ def graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
 
 
 def input_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
-    """Static dims of the data input; None for symbolic or unknown dims."""
-    tensor_type = graph_input(model).type.tensor_type
+    """Static dims of the data input; None for symbolic or unknown dims. The input must be float32."""
+    value = graph_input(model)
+    tensor_type = value.type.tensor_type
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        kind = (
+            onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower() if tensor_type.elem_type else "not a tensor"
+        )
+        raise AnpError(f"input {value.name!r} is {kind}: anp-onnx handles models with a float32 image input")
     return tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim)
 
 

@@ -118,7 +118,9 @@ def purify(
         test = load_samples(test_data, shape, "--test-data") if test_data else None
         poison = load_samples(poison_data, shape, "--poison-data") if poison_data else None
         before_evaluator = Evaluator(model_path, device)
-        _check_labels(before_evaluator, clean, "--data")
+        for samples, what in ((clean, "--data"), (test, "--test-data"), (poison, "--poison-data")):
+            if samples is not None:
+                _check_labels(before_evaluator, samples, what)
 
     with _timed(timings, "import"):
         classifier = import_model(model, neuron_map, renormalise=True).to(torch_device)

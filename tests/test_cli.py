@@ -185,3 +185,42 @@ def test_max_acc_drop_chooses_the_amount_on_held_out_clean_data(tmp_path, models
     summary = json.loads(report.read_text())
     assert summary["criterion"] == "max-acc-drop=0.05"
     assert summary["settings"]["holdout"] == 0.2
+
+
+def test_labels_outside_the_model_classes_are_refused(tmp_path, models, image_samples):
+    data = np.load(image_samples)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=data["x"][:8], y=np.full(8, 7))
+    result = CliRunner().invoke(
+        main,
+        [
+            "purify",
+            str(models["folded"]),
+            "--data",
+            str(image_samples),
+            "--test-data",
+            str(bad),
+            "-o",
+            str(tmp_path / "o.onnx"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--test-data: labels must lie in 0..3 (the model has 4 classes)" in result.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_model_without_a_float_input_is_refused(tmp_path, image_samples):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["tokens"], ["logits"], to=TensorProto.FLOAT)],
+        "tokens",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["n", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])],
+    )
+    path = tmp_path / "tokens.onnx"
+    path.write_bytes(
+        helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    )
+    result = CliRunner().invoke(main, ["evaluate", str(path), "--data", str(image_samples)])
+    assert result.exit_code == 2 and "input 'tokens' is int64" in result.output
