@@ -72,24 +72,19 @@ def test_purify_never_modifies_its_inputs(tmp_path, models, image_samples):
     assert (digest(model), digest(image_samples)) == before
 
 
-def test_without_test_data_the_report_holds_nulls(tmp_path, models, image_samples):
+def purify_with_report(tmp_path: Path, model: Path, data: Path, *options: object) -> dict:
+    """Run `purify` quickly into tmp_path and return its JSON report."""
     report = tmp_path / "r.json"
+    short_run = ("--iterations", 3, "--batch-size", 8)
     result = invoke(
-        "purify",
-        models["folded"],
-        "--data",
-        image_samples,
-        "-o",
-        tmp_path / "o.onnx",
-        "--iterations",
-        2,
-        "--batch-size",
-        8,
-        "--report",
-        report,
+        "purify", model, "--data", data, "-o", tmp_path / "o.onnx", *short_run, *options, "--report", report
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads(report.read_text())
+    return json.loads(report.read_text())
+
+
+def test_without_test_data_the_report_holds_nulls(tmp_path, models, image_samples):
+    summary = purify_with_report(tmp_path, models["folded"], image_samples)
     assert summary["before"]["acc"] is None and summary["after"]["asr"] is None
 
 
@@ -164,25 +159,7 @@ def test_the_bundled_backdoored_example_is_backdoored_and_purify_runs_on_it(tmp_
 
 
 def test_max_acc_drop_chooses_the_amount_on_held_out_clean_data(tmp_path, models, image_samples):
-    report = tmp_path / "r.json"
-    result = invoke(
-        "purify",
-        models["batchnorm"],
-        "--data",
-        image_samples,
-        "-o",
-        tmp_path / "o.onnx",
-        "--iterations",
-        3,
-        "--batch-size",
-        8,
-        "--max-acc-drop",
-        0.05,
-        "--report",
-        report,
-    )
-    assert result.exit_code == 0, result.output
-    summary = json.loads(report.read_text())
+    summary = purify_with_report(tmp_path, models["batchnorm"], image_samples, "--max-acc-drop", 0.05)
     assert summary["criterion"] == "max-acc-drop=0.05"
     assert summary["settings"]["holdout"] == 0.2
 
