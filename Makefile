@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 EXAMPLE := examples/badnets_resnet_bn
 OUT := out
 
-.PHONY: install demo test test-slow lint format fashion-mnist examples clean
+.PHONY: install demo test test-slow lint format fashion-mnist examples bench-speed clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ fashion-mnist:
 # Regenerates the committed examples from fixed seeds (a few minutes on 2 CPU cores).
 examples: $(INSTALLED) fashion-mnist
 	$(PY) tools/make_examples.py
+
+# Cost of one ANP iteration in plain training steps, against a reference-style loop, and
+# onnxruntime evaluation throughput (issue 6); prints ratios measured side by side.
+bench-speed: $(INSTALLED)
+	mkdir -p $(OUT)
+	$(PY) tools/bench_speed.py --json $(OUT)/bench_speed.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache

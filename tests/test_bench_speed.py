@@ -1,0 +1,49 @@
+"""tools/bench_speed.py runs end to end on the bundled example and reports consistent numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.bench_speed import main  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
+
+
+def test_bench_speed_reports_four_measurements(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    arguments = ["--example", str(EXAMPLE), "--steps", "2", "--batch-size", "16", "--warmup", "1"]
+    result = CliRunner().invoke(main, [*arguments, "--json", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "b/a" in result.output and "evaluator/bare" in result.output
+
+    report = json.loads(output.read_text())
+    measurements, ratios = report["measurements"], report["ratios"]
+    assert set(measurements) == {"train_step", "anp_iteration", "reference_iteration", "evaluation"}
+    medians = {key: measurements[key]["median_s"] for key in ("train_step", "anp_iteration", "reference_iteration")}
+    for key, median in medians.items():
+        assert median > 0, key
+        assert len(measurements[key]["samples_s"]) == 2
+    evaluation = measurements["evaluation"]
+    for key in ("evaluator_samples_per_s", "bare_samples_per_s", "evaluator_median_s", "bare_median_s"):
+        assert evaluation[key] > 0, key
+    assert math.isclose(evaluation["evaluator_samples_per_s"] * evaluation["evaluator_median_s"], evaluation["samples"])
+
+    assert math.isclose(ratios["anp_over_train"], medians["anp_iteration"] / medians["train_step"])
+    assert math.isclose(ratios["reference_over_train"], medians["reference_iteration"] / medians["train_step"])
+    assert math.isclose(ratios["anp_over_reference"], medians["anp_iteration"] / medians["reference_iteration"])
+    assert math.isclose(
+        ratios["evaluator_over_bare_throughput"],
+        evaluation["evaluator_samples_per_s"] / evaluation["bare_samples_per_s"],
+    )
+    assert report["machine"]["cpu_count"] >= 1
+    assert report["machine"]["torch_device"] in ("cpu", "cuda")
+    assert report["settings"]["anp_neurons"] == report["settings"]["reference_neurons"] > 0
