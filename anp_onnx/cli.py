@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class AnpGroup(click.Group):
             click.echo(f"anp-onnx: error: {error}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("anp-onnx: interrupted; nothing was written", err=True)
+            click.echo("anp-onnx: interrupted; no output was written or replaced", err=True)
             sys.exit(130)
 
 
@@ -36,6 +37,12 @@ class AnpGroup(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """Repair backdoored ONNX classifiers with Adversarial Neuron Pruning."""
     ctx.meta["debug"] = debug
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signal: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed and nothing half-written stays."""
+    raise KeyboardInterrupt
 
 
 class ProgressBar:
