@@ -26,7 +26,7 @@ class AnpGroup(click.Group):
             click.echo(f"anp-onnx: error: {error}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("anp-onnx: interrupted; no output was written or replaced", err=True)
+            click.echo("anp-onnx: interrupted (files are written whole or not at all)", err=True)
             sys.exit(130)
 
 
