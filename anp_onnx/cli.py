@@ -82,6 +82,14 @@ def device_option(function):
     )(function)
 
 
+def class_output_option(function):
+    return click.option(
+        "--class-output",
+        metavar="NAME",
+        help="The graph output holding the classes [the first output].",
+    )(function)
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
@@ -125,6 +133,7 @@ def device_option(function):
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@class_output_option
 @device_option
 def purify(
     model: Path,
@@ -147,6 +156,7 @@ def purify(
     holdout: float,
     seed: int,
     force: bool,
+    class_output: str | None,
     device: str,
 ) -> None:
     """Optimise neuron masks on clean data, prune, and write the purified model."""
@@ -182,6 +192,7 @@ def purify(
             device=device,
             force=force,
             on_iteration=progress.step,
+            class_output=class_output,
         )
     summary = purify_report(result)
     if report:
@@ -197,8 +208,11 @@ def purify(
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Clean labelled test samples (.npz).")
 @click.option("--poison-data", type=click.Path(path_type=Path), help="Triggered samples labelled with the target.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@class_output_option
 @device_option
-def evaluate(model: Path, data: Path, poison_data: Path | None, as_json: bool, device: str) -> None:
+def evaluate(
+    model: Path, data: Path, poison_data: Path | None, as_json: bool, class_output: str | None, device: str
+) -> None:
     """Measure ACC (and ASR) of a model with onnxruntime."""
     from anp_onnx.data import load_samples
     from anp_onnx.evaluate import Evaluator
@@ -208,7 +222,7 @@ def evaluate(model: Path, data: Path, poison_data: Path | None, as_json: bool, d
     shape = input_shape(load_model(model))
     clean = load_samples(data, shape, "--data")
     poison = load_samples(poison_data, shape, "--poison-data") if poison_data else None
-    evaluator = Evaluator(model, device)
+    evaluator = Evaluator(model, device, class_output)
     metrics = evaluator.measure(clean, poison)
     if as_json:
         click.echo(json.dumps({"model": str(model), **metrics_dict(metrics), "provider": evaluator.provider}, indent=2))
@@ -237,12 +251,15 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@class_output_option
 @device_option
-def scan(model: Path, data: Path, eps: float, rounds: int, seed: int, as_json: bool, device: str) -> None:
+def scan(
+    model: Path, data: Path, eps: float, rounds: int, seed: int, as_json: bool, class_output: str | None, device: str
+) -> None:
     """Trigger-free check: do adversarial neuron perturbations push clean inputs onto one label?"""
     from anp_onnx.scan import scan as run_scan
 
-    result = run_scan(model, data, eps=eps, rounds=rounds, seed=seed, device=device)
+    result = run_scan(model, data, eps=eps, rounds=rounds, seed=seed, device=device, class_output=class_output)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return

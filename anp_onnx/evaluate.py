@@ -44,10 +44,21 @@ def _cuda_device_present() -> bool:
         return False
 
 
-class Evaluator:
-    """One onnxruntime session over a model file, batched predictions of its class output."""
+def _class_output(session: ort.InferenceSession, name: str | None) -> str:
+    """The output to read classes from: `name`, or the first output when None."""
+    names = [value.name for value in session.get_outputs()]
+    if name is None:
+        return names[0]
+    if name not in names:
+        raise AnpError(f"no output named {name!r}: the model's outputs are {', '.join(names)}")
+    return name
 
-    def __init__(self, model_path: str | Path, device: str = "auto") -> None:
+
+class Evaluator:
+    """One onnxruntime session over a model file, batched predictions of its class output (`output`,
+    else the first)."""
+
+    def __init__(self, model_path: str | Path, device: str = "auto", output: str | None = None) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         try:
@@ -57,7 +68,7 @@ class Evaluator:
         except Exception as error:
             raise AnpError(f"{model_path}: onnxruntime cannot load the model ({error})") from None
         self.input = self.session.get_inputs()[0]
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_name = _class_output(self.session, output)
         batch = self.input.shape[0] if self.input.shape else None
         self.batch_size = batch if isinstance(batch, int) and batch > 0 else EVAL_BATCH
 

@@ -23,23 +23,28 @@ PROBABILITY_OPS = frozenset({"Softmax"})
 
 
 class GatedClassifier(nn.Module):
-    """The converted model with gates; returns the class output only."""
+    """The converted model with gates; returns the class output only (graph output `output_index`)."""
 
     def __init__(
-        self, graph_module: nn.Module, neuron_map: NeuronMap, gates: list[NeuronGate], outputs_probabilities: bool
+        self,
+        graph_module: nn.Module,
+        neuron_map: NeuronMap,
+        gates: list[NeuronGate],
+        outputs_probabilities: bool,
+        output_index: int = 0,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.neuron_map = neuron_map
         self.gates = nn.ModuleList(gates)
         self.outputs_probabilities = outputs_probabilities
+        self.output_index = output_index
         for layer, gate in zip(neuron_map.layers, gates, strict=True):
-            module = graph_module.get_submodule(f"node_{layer.output_node_index}")
-            module.register_forward_hook(_gate_hook(gate))
+            _layer_module(graph_module, layer.output_node_index).register_forward_hook(_gate_hook(gate))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         outputs = self.graph_module(inputs)
-        return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        return outputs[self.output_index] if isinstance(outputs, (tuple, list)) else outputs
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy, whether the model outputs logits or probabilities."""
@@ -49,6 +54,14 @@ class GatedClassifier(nn.Module):
 
     def batch_norm_modules(self) -> list[nn.Module]:
         return [module for module in self.graph_module.modules() if _is_batch_norm(module)]
+
+
+def _layer_module(graph_module: nn.Module, node_index: int) -> nn.Module:
+    """The converted module of node `node_index` (named `node_<index>` by normalised_for_torch)."""
+    try:
+        return graph_module.get_submodule(f"node_{node_index}")
+    except AttributeError:
+        raise AnpError(f"node {node_index} was lost in the conversion to torch (renamed or merged)") from None
 
 
 def _gate_hook(gate: NeuronGate):
@@ -62,16 +75,20 @@ def _is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "OnnxBatchNorm"
 
 
-def import_model(model: onnx.ModelProto, neuron_map: NeuronMap, renormalise: bool) -> GatedClassifier:
+def import_model(
+    model: onnx.ModelProto, neuron_map: NeuronMap, renormalise: bool, output_index: int = 0
+) -> GatedClassifier:
     """Convert with onnx2torch and hook gates on. `renormalise` re-creates train-mode BatchNorm on
-    layers that have none (see gates.py); BatchNormalization layers always use their own."""
+    layers that have none (see gates.py); BatchNormalization layers always use their own.
+    `output_index` picks the class output among the graph outputs."""
     graph_module = convert_to_torch(model)
     graph = Graph(model)
     gates = [
         NeuronGate(layer, current_bias(graph, layer), renormalise and not layer.batch_normalised)
         for layer in neuron_map.layers
     ]
-    return GatedClassifier(graph_module, neuron_map, gates, outputs_probabilities(model))
+    probabilities = outputs_probabilities(model, output_index)
+    return GatedClassifier(graph_module, neuron_map, gates, probabilities, output_index)
 
 
 def convert_to_torch(model: onnx.ModelProto) -> nn.Module:
@@ -105,10 +122,10 @@ def _quiet(function, *args):
         return function(*args)
 
 
-def outputs_probabilities(model: onnx.ModelProto) -> bool:
+def outputs_probabilities(model: onnx.ModelProto, output_index: int = 0) -> bool:
     """True when the class output is produced by a Softmax (probabilities, not logits)."""
     graph = Graph(model)
-    producer = graph.producer.get(model.graph.output[0].name)
+    producer = graph.producer.get(model.graph.output[output_index].name)
     return producer is not None and graph.nodes[producer].op_type in PROBABILITY_OPS
 
 

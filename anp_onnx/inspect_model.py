@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from anp_onnx.model import load_model
+from anp_onnx.model import load_model, unsupported_nodes
 from anp_onnx.neurons import build_neuron_map
 
 
@@ -40,6 +40,7 @@ def describe(model_path: str | Path) -> dict[str, object]:
         ],
         "total_neurons": neuron_map.total_neurons,
         "not_pruned": [{"node": node, "reason": reason} for node, reason in neuron_map.skipped],
+        "unsupported": [{"node": node, "reason": reason} for node, reason in unsupported_nodes(model)],
     }
 
 
@@ -55,4 +56,7 @@ def as_text(description: dict[str, object]) -> str:
     if description["not_pruned"]:
         lines.append("left alone:")
         lines.extend(f"  {entry['node']}: {entry['reason']}" for entry in description["not_pruned"])
+    if description["unsupported"]:
+        lines.append("cannot purify yet:")
+        lines.extend(f"  {entry['node']}: {entry['reason']}" for entry in description["unsupported"])
     return "\n".join(lines)

@@ -153,3 +153,53 @@ def normalised_for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
     del result.graph.node[:]
     result.graph.node.extend(keep)
     return result
+
+
+QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+)
+CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+NAMED_IN_ERRORS = 3
+
+
+def unsupported_reason(node: onnx.NodeProto) -> str | None:
+    """Why anp-onnx cannot purify a graph holding this node, or None when the node is fine."""
+    if node.domain not in STANDARD_DOMAINS:
+        return f"custom op domain {node.domain!r}"
+    if node.op_type in QUANTIZED_OPS:
+        return "quantized graph"
+    if node.op_type in CONTROL_FLOW_OPS:
+        return "control flow"
+    return None
+
+
+def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node label, reason) for every node of the main graph that anp-onnx cannot purify yet."""
+    graph = Graph(model)
+    found = []
+    for index, node in enumerate(graph.nodes):
+        reason = unsupported_reason(node)
+        if reason is not None:
+            found.append((f"{graph.node_label(index)} ({node.op_type})", reason))
+    return found
+
+
+def check_supported(model: onnx.ModelProto, path: str | Path) -> None:
+    """AnpError naming the first few nodes anp-onnx cannot handle (quantized, custom, control flow)."""
+    found = unsupported_nodes(model)
+    if not found:
+        return
+    named = "; ".join(f"{label}: {reason}" for label, reason in found[:NAMED_IN_ERRORS])
+    more = f" and {len(found) - NAMED_IN_ERRORS} more" if len(found) > NAMED_IN_ERRORS else ""
+    raise AnpError(f"{path}: cannot purify {len(found)} node(s) yet: {named}{more} (see `anp-onnx inspect`)")
+
+
+def class_output_index(model: onnx.ModelProto, name: str | None) -> int:
+    """Position of the class output among the graph outputs: `name`, or the first when None."""
+    names = [value.name for value in model.graph.output]
+    if name is None:
+        return 0
+    if name not in names:
+        raise AnpError(f"no output named {name!r}: the model's outputs are {', '.join(names)}")
+    return names.index(name)

@@ -17,7 +17,7 @@ from anp_onnx.data import Samples, load_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.evaluate import Evaluator, Metrics
 from anp_onnx.importer import check_equivalence, import_model
-from anp_onnx.model import input_shape, load_model
+from anp_onnx.model import check_supported, class_output_index, input_shape, load_model
 from anp_onnx.neurons import NeuronMap, build_neuron_map
 from anp_onnx.prune import MaskValues, PruningPlan
 from anp_onnx.rewrite import apply_plan, save_model
@@ -97,8 +97,10 @@ def purify(
     device: str = "auto",
     force: bool = False,
     on_iteration: Callable[[int], None] | None = None,
+    class_output: str | None = None,
 ) -> PurifyResult:
-    """Purify one model; returns everything the CLI prints and the report holds."""
+    """Purify one model; returns everything the CLI prints and the report holds. `class_output`
+    names the graph output holding the classes (default: the first)."""
     settings, pruning = settings or AnpSettings(), pruning or PruningChoice()
     model_path = Path(model_path)
     output = Path(output_path) if output_path else default_output(model_path)
@@ -110,6 +112,8 @@ def purify(
 
     with _timed(timings, "load"):
         model = load_model(model_path)
+        check_supported(model, model_path)
+        output_index = class_output_index(model, class_output)
         neuron_map = build_neuron_map(model)
         if not neuron_map.layers:
             raise AnpError(f"{model_path}: no prunable layers found (see `anp-onnx inspect`)")
@@ -117,13 +121,13 @@ def purify(
         clean = load_samples(data_path, shape, "--data")
         test = load_samples(test_data, shape, "--test-data") if test_data else None
         poison = load_samples(poison_data, shape, "--poison-data") if poison_data else None
-        before_evaluator = Evaluator(model_path, device)
+        before_evaluator = Evaluator(model_path, device, class_output)
         for samples, what in ((clean, "--data"), (test, "--test-data"), (poison, "--poison-data")):
             if samples is not None:
                 _check_labels(before_evaluator, samples, what)
 
     with _timed(timings, "import"):
-        classifier = import_model(model, neuron_map, renormalise=True).to(torch_device)
+        classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index).to(torch_device)
         sample = clean.x[:CHECK_SAMPLES]
         check_equivalence(classifier, sample, before_evaluator.outputs(sample), str(model_path))
 
@@ -140,7 +144,7 @@ def purify(
         save_model(apply_plan(model, neuron_map, plan), output)
 
     with _timed(timings, "evaluate"):
-        after_evaluator = Evaluator(output, device)
+        after_evaluator = Evaluator(output, device, class_output)
         _check_rewrite(classifier, plan, sample, after_evaluator.outputs(sample))
         before = before_evaluator.measure(test, poison)
         after = after_evaluator.measure(test, poison)

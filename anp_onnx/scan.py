@@ -14,7 +14,7 @@ from anp_onnx.anp import AnpSettings
 from anp_onnx.data import load_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.importer import import_model
-from anp_onnx.model import input_shape, load_model
+from anp_onnx.model import check_supported, class_output_index, input_shape, load_model
 from anp_onnx.neurons import build_neuron_map
 from anp_onnx.purify import resolve_device
 
@@ -47,6 +47,7 @@ def scan(
     rounds: int = 4,
     seed: int = 0,
     device: str = "auto",
+    class_output: str | None = None,
 ) -> ScanResult:
     """Perturb the neurons adversarially `rounds` times (a fresh random start each) and count where
     the clean samples that become misclassified go."""
@@ -54,11 +55,13 @@ def scan(
         raise AnpError("--rounds must be at least 1")
     torch_device = resolve_device(device)
     model = load_model(model_path)
+    check_supported(model, model_path)
+    output_index = class_output_index(model, class_output)
     neuron_map = build_neuron_map(model)
     if not neuron_map.layers:
         raise AnpError(f"{model_path}: no prunable layers found (see `anp-onnx inspect`)")
     clean = load_samples(data_path, input_shape(model), "--data")
-    classifier = import_model(model, neuron_map, renormalise=True).to(torch_device)
+    classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index).to(torch_device)
     x, y = anp.tensors(clean.x, clean.y, torch_device)
     anp.calibrate(classifier, x, AnpSettings(seed=seed))
     generator = torch.Generator(device=torch_device).manual_seed(seed)
