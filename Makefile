@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 EXAMPLE := examples/badnets_resnet_bn
 OUT := out
 
-.PHONY: install demo test test-slow lint format fashion-mnist examples bench-speed clean
+.PHONY: install demo test test-slow fuzz lint format fashion-mnist examples bench-speed clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q
+
+# The fuzz test with 10,000 mutated models and data files per case (a minute or two); `make test` runs 50.
+fuzz: $(INSTALLED)
+	ANP_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz.py -p no:cacheprovider -W error::RuntimeWarning
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -q -m slow

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class AnpSettings:
     mask_lr: float = 0.2
     momentum: float = 0.9
     augment: bool = True
+    average_masks: bool = False  # rank by the masks' mean over the run after a burn-in (docs/METHOD.md)
+    burn_in: float = 0.1  # share of `iterations` before the average starts
     neuron_mode: str = "batchnorm"  # layers without BatchNorm: "batchnorm" re-creates it, "bias" is plain
     seed: int = 0
 
@@ -82,8 +84,10 @@ def optimise_masks(
     y: torch.Tensor,
     settings: AnpSettings,
     on_iteration: Callable[[int], None] | None = None,
+    stop: StopWhenStable | None = None,
 ) -> MaskValues:
-    """Run the min-max loop and return the mask values; the classifier's own weights never change."""
+    """Run the min-max loop and return the mask values; the classifier's own weights never change.
+    `stop` ends the loop early once the pruning decision has settled."""
     generator = torch.Generator(device=x.device).manual_seed(settings.seed)
     for parameter in classifier.graph_module.parameters():
         parameter.requires_grad_(False)
@@ -91,6 +95,7 @@ def optimise_masks(
     masks = [gate.mask for gate in gates]
     noises = noise_parameters(classifier)
     mask_optimizer = torch.optim.SGD(masks, lr=settings.mask_lr, momentum=settings.momentum)
+    average = MaskAverage(masks, start=int(settings.burn_in * settings.iterations)) if settings.average_masks else None
     with optimisation_mode(classifier):
         for iteration in range(settings.iterations):
             images, labels = _batch(x, y, settings, generator)
@@ -110,15 +115,65 @@ def optimise_masks(
             with torch.no_grad():
                 for mask in masks:
                     mask.clamp_(0.0, 1.0)
+            if average is not None:
+                average.add(iteration)
             if on_iteration is not None:
                 on_iteration(iteration)
-    return mask_values(classifier)
+            if stop is not None and stop(iteration, lambda: mask_values(classifier, average)):
+                break
+    return mask_values(classifier, average)
 
 
-def mask_values(classifier: GatedClassifier) -> MaskValues:
+@dataclass
+class StopWhenStable:
+    """Early stop: every `every` iterations, ask `decide` which neurons it would prune from the
+    masks as they stand; stop once that set has stayed the same for `patience` checks in a row
+    (`patience * every` iterations). The paper reports good results from as few as 100 iterations."""
+
+    decide: Callable[[MaskValues], frozenset[tuple[str, int]]]
+    every: int = 100
+    patience: int = 3
+    stopped_at: int | None = None
+    _history: list[frozenset[tuple[str, int]]] = field(default_factory=list)
+
+    def __call__(self, iteration: int, current: Callable[[], MaskValues]) -> bool:
+        if (iteration + 1) % self.every:
+            return False
+        self._history.append(self.decide(current()))
+        recent = self._history[-(self.patience + 1) :]
+        if len(recent) == self.patience + 1 and all(chosen == recent[0] for chosen in recent):
+            self.stopped_at = iteration + 1
+            return True
+        return False
+
+
+class MaskAverage:
+    """Running mean of the masks from iteration `start` on. With the paper's learning rate the masks
+    of a narrow net keep oscillating, so the last iterate is one noisy sample; the mean is stable."""
+
+    def __init__(self, masks: list[torch.Tensor], start: int) -> None:
+        self.masks, self.start, self.count = masks, start, 0
+        self.sums = [torch.zeros_like(mask, dtype=torch.float64) for mask in masks]
+
+    def add(self, iteration: int) -> None:
+        if iteration < self.start:
+            return
+        with torch.no_grad():
+            for total, mask in zip(self.sums, self.masks, strict=True):
+                total.add_(mask.detach())
+        self.count += 1
+
+    def means(self) -> list[torch.Tensor] | None:
+        return [total / self.count for total in self.sums] if self.count else None
+
+
+def mask_values(classifier: GatedClassifier, average: MaskAverage | None = None) -> MaskValues:
+    """The masks (their running mean when there is one) and pruned values, per layer."""
     pairs = list(zip(classifier.neuron_map.layers, classifier.gates, strict=True))
+    means = average.means() if average is not None else None
+    masks = means if means is not None else [gate.mask.detach() for gate in classifier.gates]
     return MaskValues(
-        masks={layer.name: gate.mask.detach().cpu().numpy().copy() for layer, gate in pairs},
+        masks={layer.name: mask.float().cpu().numpy().copy() for (layer, _), mask in zip(pairs, masks, strict=True)},
         pruned_values={layer.name: gate.pruned_value.detach().cpu().double().numpy().copy() for layer, gate in pairs},
     )
 

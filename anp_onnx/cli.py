@@ -23,7 +23,7 @@ class AnpGroup(click.Group):
         except AnpError as error:
             if ctx.meta.get("debug"):
                 raise
-            click.echo(f"anp-onnx: error: {error}", err=True)
+            click.echo(f"anp-onnx: error: {' '.join(str(error).split())}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("anp-onnx: interrupted (files are written whole or not at all)", err=True)
@@ -132,6 +132,18 @@ def class_output_option(function):
     help="Share of --data held out from the optimisation for --max-acc-drop.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--mask-average/--no-mask-average",
+    default=False,
+    show_default=True,
+    help="Rank neurons by each mask's mean over the run (after 10% burn-in) rather than its last value.",
+)
+@click.option(
+    "--early-stop/--no-early-stop",
+    default=True,
+    show_default=True,
+    help="Stop once the neurons to prune have not changed for 300 iterations (checked every 100).",
+)
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @class_output_option
 @device_option
@@ -155,6 +167,8 @@ def purify(
     max_acc_drop: float | None,
     holdout: float,
     seed: int,
+    mask_average: bool,
+    early_stop: bool,
     force: bool,
     class_output: str | None,
     device: str,
@@ -165,6 +179,8 @@ def purify(
     from anp_onnx.purify import purify as run_purify
     from anp_onnx.report import before_after_table, purify_report, write_json
 
+    if report and not report.parent.is_dir():
+        raise AnpError(f"--report {report}: folder {report.parent} does not exist")
     if sum(choice is not None for choice in (threshold, prune_fraction, prune_count, max_acc_drop)) > 1:
         raise AnpError("choose one of --threshold, --prune-fraction, --prune-count and --max-acc-drop")
     settings = AnpSettings(
@@ -174,6 +190,7 @@ def purify(
         alpha=alpha,
         mask_lr=mask_lr,
         augment=augment,
+        average_masks=mask_average,
         neuron_mode=neuron_mode,
         seed=seed,
     )
@@ -191,12 +208,15 @@ def purify(
             pruning=pruning,
             device=device,
             force=force,
+            early_stop=early_stop,
             on_iteration=progress.step,
             class_output=class_output,
         )
     summary = purify_report(result)
     if report:
         write_json(report, summary)
+    if result.iterations_run < iterations:
+        click.echo(f"stopped early after {result.iterations_run} of {iterations} iterations: the pruning had settled")
     click.echo(f"pruned {summary['pruned_neurons']} of {summary['total_neurons']} neurons ({result.plan.criterion})")
     click.echo(before_after_table(result.before, result.after))
     click.echo(f"device {result.device}, onnxruntime {', '.join(result.providers)}")

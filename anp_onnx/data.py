@@ -57,7 +57,7 @@ def load_samples(path: str | Path, shape: tuple[int | None, ...], what: str = "d
         raise AnpError(f"{what} {path}: labels 'y' must be integers, got {y.dtype}")
     laid_out = to_model_layout(x, shape, f"{what} {path}")
     if not np.isfinite(laid_out).all():
-        raise AnpError(f"{what} {path}: 'x' contains NaN or Inf")
+        raise AnpError(f"{what} {path}: 'x' contains NaN or Inf (or values beyond float32)")
     return Samples(np.ascontiguousarray(laid_out), y.astype(np.int64))
 
 
@@ -66,7 +66,8 @@ def to_model_layout(x: np.ndarray, shape: tuple[int | None, ...], source: str) -
     if x.dtype == np.uint8:
         x = _images_to_layout(x.astype(np.float32) / 255.0, shape, source)
     elif np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
+        with np.errstate(over="ignore"):  # values beyond float32 become Inf, refused by the caller
+            x = x.astype(np.float32)
     else:
         raise AnpError(f"{source}: 'x' must be uint8 images or float32 inputs, got {x.dtype}")
     if not _fits(x.shape, shape):

@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from anp_onnx.data import Samples
 from anp_onnx.errors import AnpError
+from anp_onnx.model import one_line
 
 EVAL_BATCH = 256
 
@@ -54,6 +55,18 @@ def _class_output(session: ort.InferenceSession, name: str | None) -> str:
     return name
 
 
+def _session(
+    model_path: str | Path, options: ort.SessionOptions, providers: list[str], retry_on_cpu: bool
+) -> ort.InferenceSession:
+    """An onnxruntime session, or AnpError. onnxruntime's own fallback is off: it prints to stdout."""
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers, enable_fallback=0)
+    except Exception as error:  # onnxruntime raises unrelated types (Fail, InvalidGraph, ValueError, ...)
+        if retry_on_cpu and providers != ["CPUExecutionProvider"]:
+            return _session(model_path, options, ["CPUExecutionProvider"], retry_on_cpu=False)
+        raise AnpError(f"{model_path}: onnxruntime cannot load the model ({one_line(error)})") from None
+
+
 class Evaluator:
     """One onnxruntime session over a model file, batched predictions of its class output (`output`,
     else the first)."""
@@ -61,12 +74,7 @@ class Evaluator:
     def __init__(self, model_path: str | Path, device: str = "auto", output: str | None = None) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers_for(device))
-        except AnpError:
-            raise
-        except Exception as error:
-            raise AnpError(f"{model_path}: onnxruntime cannot load the model ({error})") from None
+        self.session = _session(model_path, options, providers_for(device), retry_on_cpu=device == "auto")
         self.input = self.session.get_inputs()[0]
         self.output_name = _class_output(self.session, output)
         batch = self.input.shape[0] if self.input.shape else None
@@ -78,11 +86,15 @@ class Evaluator:
 
     def outputs(self, x: np.ndarray) -> np.ndarray:
         """The class output for every sample, run in batches."""
-        chunks = [
-            self.session.run([self.output_name], {self.input.name: x[start : start + self.batch_size]})[0]
-            for start in range(0, len(x), self.batch_size)
-        ]
+        chunks = [self._run(x[start : start + self.batch_size]) for start in range(0, len(x), self.batch_size)]
         return np.concatenate(chunks)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """One batch through onnxruntime; a model that fails at run time is the user's file, not a bug."""
+        try:
+            return self.session.run([self.output_name], {self.input.name: batch})[0]
+        except Exception as error:  # onnxruntime raises its own unrelated types (Fail, InvalidArgument, ...)
+            raise AnpError(f"onnxruntime cannot run the model ({one_line(error)})") from None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         outputs = self.outputs(x)

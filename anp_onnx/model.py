@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from anp_onnx.errors import AnpError
 
@@ -21,18 +22,26 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise AnpError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise AnpError(f"{path}: empty file, not an ONNX model")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # protobuf raises several unrelated types for corrupt files
-        raise AnpError(f"{path}: not a readable ONNX model ({type(error).__name__}: {error})") from None
+        raise AnpError(f"{path}: not a readable ONNX model ({type(error).__name__}: {one_line(error)})") from None
     _check_external_locations(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as error:
-        raise AnpError(f"{path}: cannot read its external data ({type(error).__name__}: {error})") from None
+        raise AnpError(f"{path}: cannot read its external data ({type(error).__name__}: {one_line(error)})") from None
+    _check_tensor_sizes(model, path)
     if not model.graph.node:
         raise AnpError(f"{path}: the ONNX graph has no nodes")
     return model
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message with its newlines folded, for a one-line CLI error."""
+    return " ".join(str(error).split())
 
 
 def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
@@ -45,6 +54,60 @@ def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
         target = (folder / location).resolve()
         if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
             raise AnpError(f"{path}: initializer {tensor.name!r} points outside the model's folder ({location!r})")
+
+
+FOUR_BIT_TYPES = frozenset(
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
+)
+COMPLEX_TYPES = frozenset({onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128})
+TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse initializers whose data does not hold as many values as their dims declare, before any is
+    turned into an array (absurd dims would otherwise ask numpy for exabytes)."""
+    for tensor in model.graph.initializer:
+        problem = tensor_size_problem(tensor)
+        if problem:
+            raise AnpError(f"{path}: initializer {tensor.name!r} {problem}")
+
+
+def tensor_size_problem(tensor: onnx.TensorProto) -> str | None:
+    """Why the tensor's stored data cannot have the shape it declares, or None when it fits."""
+    dims = list(tensor.dims)
+    if any(dim < 0 for dim in dims):
+        return f"has a negative dimension {dims}"
+    count = math.prod(dims)
+    declared = f"declares {count} values {dims}"
+    if tensor.HasField("raw_data"):
+        expected = _raw_bytes(tensor.data_type, count)
+        if expected is not None and expected != len(tensor.raw_data):
+            return f"{declared} ({expected} bytes) but holds {len(tensor.raw_data)} bytes"
+        return None
+    stored = next((len(getattr(tensor, name)) for name in TYPED_FIELDS if len(getattr(tensor, name))), 0)
+    expected = _typed_entries(tensor.data_type, count)
+    if stored != expected:
+        return f"{declared} but holds {stored} entries"
+    return None
+
+
+def _raw_bytes(data_type: int, count: int) -> int | None:
+    """Bytes that `count` values of `data_type` take in raw_data; None for types without a fixed size."""
+    if data_type in FOUR_BIT_TYPES:
+        return (count + 1) // 2
+    if data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        return count * np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _typed_entries(data_type: int, count: int) -> int:
+    """Entries that `count` values take in the typed *_data fields."""
+    if data_type in FOUR_BIT_TYPES:
+        return (count + 1) // 2
+    return 2 * count if data_type in COMPLEX_TYPES else count
 
 
 @dataclass

@@ -37,6 +37,12 @@ class PruningChoice:
     max_acc_drop: float | None = None
     holdout: float = 0.2
 
+    def settled(self, values: MaskValues) -> frozenset[tuple[str, int]]:
+        """The neurons this choice would prune now, for early stopping (the accuracy budget is
+        judged on held-out data only at the end: the lowest tenth of the masks stands in for it)."""
+        plan = prune.by_fraction(values, 0.1) if self.max_acc_drop is not None else self.plan(values)
+        return frozenset((neuron.layer, neuron.channel) for neuron in plan.neurons)
+
     def plan(self, values: MaskValues, accuracy_of: Callable[[PruningPlan], float] | None = None) -> PruningPlan:
         if self.max_acc_drop is not None and accuracy_of is not None:
             return prune.by_accuracy_budget(values, self.max_acc_drop, accuracy_of)
@@ -61,6 +67,7 @@ class PurifyResult:
     device: str
     providers: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    iterations_run: int = 0
 
 
 def default_output(model_path: Path) -> Path:
@@ -96,6 +103,7 @@ def purify(
     pruning: PruningChoice | None = None,
     device: str = "auto",
     force: bool = False,
+    early_stop: bool = True,
     on_iteration: Callable[[int], None] | None = None,
     class_output: str | None = None,
 ) -> PurifyResult:
@@ -136,7 +144,8 @@ def purify(
         optimise_on, held_out = split_holdout(clean, pruning, settings.seed)
         x, y = anp.tensors(optimise_on.x, optimise_on.y, torch_device)
         anp.calibrate(classifier, x, settings)
-        values = anp.optimise_masks(classifier, x, y, settings, on_iteration)
+        stop = anp.StopWhenStable(pruning.settled) if early_stop else None
+        values = anp.optimise_masks(classifier, x, y, settings, on_iteration, stop)
 
     with _timed(timings, "rewrite"):
         accuracy_of = _held_out_accuracy(classifier, held_out, torch_device) if held_out else None
@@ -162,6 +171,7 @@ def purify(
         device=str(torch_device),
         providers=[before_evaluator.provider],
         timings=timings,
+        iterations_run=stop.stopped_at if stop and stop.stopped_at else settings.iterations,
     )
 
 
@@ -192,6 +202,10 @@ def _held_out_accuracy(classifier, held_out: Samples, device: torch.device) -> C
 def _check_output(model_path: Path, output: Path, force: bool) -> None:
     if output.resolve() == model_path.resolve():
         raise AnpError(f"output {output} is the input model: choose another path with -o")
+    if output.is_dir():
+        raise AnpError(f"output {output} is a folder: give a file path with -o")
+    if not output.parent.is_dir():
+        raise AnpError(f"{output.parent}: output folder does not exist")
     if output.exists() and not force:
         raise AnpError(f"output {output} exists: pass --force to replace it, or choose another path with -o")
 

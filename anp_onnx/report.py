@@ -48,6 +48,7 @@ def purify_report(result: PurifyResult) -> dict[str, object]:
             for layer in result.neuron_map.layers
         ],
         "settings": {**result.settings.as_dict(), **asdict(result.pruning)},
+        "iterations_run": result.iterations_run,
         "device": result.device,
         "providers": result.providers,
         "timings_s": result.timings,

@@ -110,14 +110,25 @@ def _fresh_name(graph: Graph, base: str) -> str:
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write via a temporary file in the same folder renamed into place: the old file or the new one, never half."""
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _cannot_write(path, error) from None
     os.close(descriptor)
     try:
         write(Path(temporary))
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _cannot_write(path, error) from None
         raise
+
+
+def _cannot_write(path: Path, error: OSError) -> AnpError:
+    """The user-facing form of a failed write: full disk, read-only or missing folder, a folder in the way."""
+    reason = error.strerror or str(error)
+    return AnpError(f"cannot write {path}: {reason} (any previous file there is unchanged)")
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:

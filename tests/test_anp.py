@@ -93,3 +93,29 @@ def test_batchnorm_mode_gives_folded_conv_channels_their_clean_mean_as_pruned_va
     bias_mode, _, _ = prepared(models["folded"], image_samples, AnpSettings(neuron_mode="bias"))
     assert not bias_mode.gates[0].renormalise
     assert not torch.allclose(bias_mode.gates[0].pruned_value, gate.reference_mean)
+
+
+def test_the_mask_average_is_the_mean_after_the_burn_in():
+    mask = torch.zeros(3)
+    average = anp.MaskAverage([mask], start=2)
+    for iteration, value in enumerate([9.0, 9.0, 1.0, 2.0, 3.0]):
+        mask.fill_(value)
+        average.add(iteration)
+    assert torch.allclose(average.means()[0], torch.full((3,), 2.0, dtype=torch.float64))
+    assert anp.MaskAverage([mask], start=10).means() is None, "no mean before the burn-in ends"
+
+
+def test_early_stop_waits_for_the_same_decision_at_patience_checks_in_a_row():
+    decisions = iter([{1}, {1, 2}, {1, 2}, {1, 2}, {1, 2}])
+    stop = anp.StopWhenStable(lambda _values: frozenset(next(decisions)), every=10, patience=3)
+    checked = [iteration for iteration in range(50) if stop(iteration, lambda: None)]
+    assert checked == [49] and stop.stopped_at == 50
+    assert not stop(5, lambda: None), "only every `every` iterations is looked at"
+
+
+def test_early_stop_ends_the_loop_and_says_where(models, image_samples):
+    classifier, x, y = prepared(models["folded"], image_samples)
+    stop = anp.StopWhenStable(lambda _values: frozenset(), every=2, patience=2)
+    seen = []
+    anp.optimise_masks(classifier, x, y, AnpSettings(iterations=50, batch_size=16), seen.append, stop)
+    assert stop.stopped_at == 6 and len(seen) == 6
