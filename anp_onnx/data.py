@@ -47,7 +47,7 @@ def load_samples(path: str | Path, shape: tuple[int | None, ...], what: str = "d
             if "x" not in archive or "y" not in archive:
                 raise AnpError(f"{what} {path}: needs arrays 'x' and 'y', found {sorted(archive.files)}")
             x, y = archive["x"], archive["y"]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as error:
         raise AnpError(f"{what} {path}: not a readable .npz file ({error})") from None
     if len(x) == 0:
         raise AnpError(f"{what} {path}: no samples")

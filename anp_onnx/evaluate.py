@@ -75,9 +75,12 @@ class Evaluator:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = _session(model_path, options, providers_for(device), retry_on_cpu=device == "auto")
-        self.input = self.session.get_inputs()[0]
-        self.output_name = _class_output(self.session, output)
-        batch = self.input.shape[0] if self.input.shape else None
+        try:
+            self.input = self.session.get_inputs()[0]
+            batch = self.input.shape[0] if self.input.shape else None
+            self.output_name = _class_output(self.session, output)
+        except UnicodeDecodeError:
+            raise AnpError(f"{model_path}: an input or output name or shape is not valid UTF-8") from None
         self.batch_size = batch if isinstance(batch, int) and batch > 0 else EVAL_BATCH
 
     @property

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from anp_onnx.model import load_model, unsupported_nodes
+from anp_onnx.model import element_type_name, load_model, unsupported_nodes
 from anp_onnx.neurons import build_neuron_map
 
 
@@ -16,7 +16,7 @@ def _shape(value: onnx.ValueInfoProto) -> list[int | str | None]:
 
 
 def _element_type(value: onnx.ValueInfoProto) -> str:
-    return onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()
+    return element_type_name(value.type.tensor_type.elem_type)
 
 
 def describe(model_path: str | Path) -> dict[str, object]:

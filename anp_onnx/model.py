@@ -36,7 +36,27 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     _check_tensor_sizes(model, path)
     if not model.graph.node:
         raise AnpError(f"{path}: the ONNX graph has no nodes")
+    _check_structure(model, path)
     return model
+
+
+def _check_structure(model: onnx.ModelProto, path: Path) -> None:
+    """onnx's own checker (node arity, attributes, topological order) so that later stages can trust
+    the graph's shape; models past protobuf's 2 GB are left to onnxruntime's loader."""
+    if model.ByteSize() >= 2**31 - 1:
+        return
+    try:
+        onnx.checker.check_model(model)
+    except Exception as error:  # ValidationError, and others for odd protobufs
+        raise AnpError(f"{path}: not a valid ONNX model ({one_line(error)[:300]})") from None
+
+
+def element_type_name(element_type: int) -> str:
+    """'float', 'int64', ... for a TensorProto data type; unknown codes (from damaged files) by number."""
+    try:
+        return onnx.TensorProto.DataType.Name(element_type).lower()
+    except ValueError:
+        return f"unknown type {element_type}"
 
 
 def one_line(error: BaseException) -> str:
@@ -189,7 +209,7 @@ def input_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
     tensor_type = value.type.tensor_type
     if tensor_type.elem_type != onnx.TensorProto.FLOAT:
         kind = (
-            onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower() if tensor_type.elem_type else "not a tensor"
+            element_type_name(tensor_type.elem_type) if tensor_type.elem_type else "not a tensor"
         )
         raise AnpError(f"input {value.name!r} is {kind}: anp-onnx handles models with a float32 image input")
     return tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim)
