@@ -208,9 +208,7 @@ def input_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
     value = graph_input(model)
     tensor_type = value.type.tensor_type
     if tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        kind = (
-            element_type_name(tensor_type.elem_type) if tensor_type.elem_type else "not a tensor"
-        )
+        kind = element_type_name(tensor_type.elem_type) if tensor_type.elem_type else "not a tensor"
         raise AnpError(f"input {value.name!r} is {kind}: anp-onnx handles models with a float32 image input")
     return tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim)
 
