@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from anp_onnx import anp, prune
@@ -85,6 +86,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def load_prunable(model_path: Path, class_output: str | None) -> tuple[onnx.ModelProto, NeuronMap, int]:
+    """The model, its neuron map and the class output's position; AnpError when it cannot be purified."""
+    model = load_model(model_path)
+    check_supported(model, model_path)
+    output_index = class_output_index(model, class_output)
+    neuron_map = build_neuron_map(model)
+    if not neuron_map.layers:
+        raise AnpError(f"{model_path}: no prunable layers found (see `anp-onnx inspect`)")
+    return model, neuron_map, output_index
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -119,12 +131,7 @@ def purify(
     timings: dict[str, float] = {}
 
     with _timed(timings, "load"):
-        model = load_model(model_path)
-        check_supported(model, model_path)
-        output_index = class_output_index(model, class_output)
-        neuron_map = build_neuron_map(model)
-        if not neuron_map.layers:
-            raise AnpError(f"{model_path}: no prunable layers found (see `anp-onnx inspect`)")
+        model, neuron_map, output_index = load_prunable(model_path, class_output)
         shape = input_shape(model)
         clean = load_samples(data_path, shape, "--data")
         test = load_samples(test_data, shape, "--test-data") if test_data else None

@@ -14,9 +14,8 @@ from anp_onnx.anp import AnpSettings
 from anp_onnx.data import load_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.importer import import_model
-from anp_onnx.model import check_supported, class_output_index, input_shape, load_model
-from anp_onnx.neurons import build_neuron_map
-from anp_onnx.purify import resolve_device
+from anp_onnx.model import input_shape
+from anp_onnx.purify import load_prunable, resolve_device
 
 SUSPICIOUS_SCORE = 0.3  # provisional: set from five bundled models (docs/METHOD.md)
 
@@ -54,12 +53,7 @@ def scan(
     if rounds < 1:
         raise AnpError("--rounds must be at least 1")
     torch_device = resolve_device(device)
-    model = load_model(model_path)
-    check_supported(model, model_path)
-    output_index = class_output_index(model, class_output)
-    neuron_map = build_neuron_map(model)
-    if not neuron_map.layers:
-        raise AnpError(f"{model_path}: no prunable layers found (see `anp-onnx inspect`)")
+    model, neuron_map, output_index = load_prunable(Path(model_path), class_output)
     clean = load_samples(data_path, input_shape(model), "--data")
     classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index).to(torch_device)
     x, y = anp.tensors(clean.x, clean.y, torch_device)
