@@ -29,6 +29,23 @@ class AnpGroup(click.Group):
             click.echo("anp-onnx: interrupted (files are written whole or not at all)", err=True)
             sys.exit(130)
 
+    def main(self, *args: object, **kwargs: object) -> object:
+        """Usage errors (a missing option, a value outside its choices) in the same one-line form."""
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            click.echo(error.ctx.get_help() if error.ctx else str(error))
+            sys.exit(2)
+        except click.UsageError as error:
+            hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
+            click.echo(f"anp-onnx: error: {' '.join(error.format_message().split())}{hint}", err=True)
+            sys.exit(2)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
+        except click.Abort:
+            click.echo("anp-onnx: interrupted", err=True)
+            sys.exit(130)
+
 
 @click.group(cls=AnpGroup)
 @click.version_option(package_name="anp-onnx")
