@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+DEFAULT_THRESHOLD = 0.2  # the paper's: prune masks below it
+
 
 @dataclass(frozen=True)
 class PrunedNeuron:

@@ -28,11 +28,11 @@ CHECK_SAMPLES = 16
 
 @dataclass(frozen=True)
 class PruningChoice:
-    """How many neurons to prune: one of these is used (threshold 0.2 by default). `max_acc_drop`
+    """How many neurons to prune: one of these is used (the paper's threshold by default). `max_acc_drop`
     holds out `holdout` of the clean data from the optimisation and prunes the most neurons whose
     accuracy on it drops by at most that much."""
 
-    threshold: float | None = 0.2
+    threshold: float | None = prune.DEFAULT_THRESHOLD
     fraction: float | None = None
     count: int | None = None
     max_acc_drop: float | None = None
@@ -51,7 +51,7 @@ class PruningChoice:
             return prune.by_count(values, self.count)
         if self.fraction is not None:
             return prune.by_fraction(values, self.fraction)
-        return prune.by_threshold(values, 0.2 if self.threshold is None else self.threshold)
+        return prune.by_threshold(values, prune.DEFAULT_THRESHOLD if self.threshold is None else self.threshold)
 
 
 @dataclass
@@ -137,9 +137,10 @@ def purify(
         test = load_samples(test_data, shape, "--test-data") if test_data else None
         poison = load_samples(poison_data, shape, "--poison-data") if poison_data else None
         before_evaluator = Evaluator(model_path, device, class_output)
+        classes = int(np.prod(before_evaluator.outputs(clean.x[:1]).shape[1:]))
         for samples, what in ((clean, "--data"), (test, "--test-data"), (poison, "--poison-data")):
             if samples is not None:
-                _check_labels(before_evaluator, samples, what)
+                _check_labels(samples, classes, what)
 
     with _timed(timings, "import"):
         classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index).to(torch_device)
@@ -217,8 +218,7 @@ def _check_output(model_path: Path, output: Path, force: bool) -> None:
         raise AnpError(f"output {output} exists: pass --force to replace it, or choose another path with -o")
 
 
-def _check_labels(evaluator: Evaluator, samples: Samples, what: str) -> None:
-    classes = int(np.prod(evaluator.outputs(samples.x[:1]).shape[1:]))
+def _check_labels(samples: Samples, classes: int, what: str) -> None:
     if samples.y.min() < 0 or samples.y.max() >= classes:
         raise AnpError(f"{what}: labels must lie in 0..{classes - 1} (the model has {classes} classes)")
 
