@@ -251,14 +251,14 @@ def evaluate(
     model: Path, data: Path, poison_data: Path | None, as_json: bool, class_output: str | None, device: str
 ) -> None:
     """Measure ACC (and ASR) of a model with onnxruntime."""
-    from anp_onnx.data import load_samples
+    from anp_onnx.data import open_samples
     from anp_onnx.evaluate import Evaluator
     from anp_onnx.model import input_shape, load_model
     from anp_onnx.report import metrics_dict, percent
 
     shape = input_shape(load_model(model))
-    clean = load_samples(data, shape, "--data")
-    poison = load_samples(poison_data, shape, "--poison-data") if poison_data else None
+    clean = open_samples(data, shape, "--data")
+    poison = open_samples(poison_data, shape, "--poison-data") if poison_data else None
     evaluator = Evaluator(model, device, class_output)
     metrics = evaluator.measure(clean, poison)
     if as_json:

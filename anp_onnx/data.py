@@ -3,17 +3,26 @@
 Format: `x` and `y`. `x` float32 already in the model's input layout is used as is; `uint8` images
 `(N,H,W)` or `(N,H,W,C)` are scaled to [0,1] and laid out for the model (NCHW, NHWC or flattened in
 C,H,W order for rank-2 inputs). `y` holds integer labels.
+
+The small clean set is read whole (`load_samples`); test and poison sets are streamed a batch at a
+time (`open_samples`), so memory stays bounded however many samples they hold.
 """
 
 from __future__ import annotations
 
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from anp_onnx.errors import AnpError
+
+STREAM_ROWS = 1024  # samples read at a time from a streamed file
+_READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError)
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,88 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def batches(self, rows: int = STREAM_ROWS) -> Iterator[Samples]:
+        for start in range(0, len(self), rows):
+            yield Samples(self.x[start : start + rows], self.y[start : start + rows])
+
+
+@dataclass(frozen=True)
+class SampleFile:
+    """Labelled samples in an .npz, read `rows` at a time; only the labels stay in memory. Checked
+    whole when opened (`open_samples`), so reading it later cannot fail on the data."""
+
+    path: Path
+    shape: tuple[int | None, ...]
+    what: str
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, rows: int = STREAM_ROWS) -> Iterator[Samples]:
+        source = f"{self.what} {self.path}"
+        start = 0
+        for raw in _stream_x(self.path, rows, source):
+            x = np.ascontiguousarray(to_model_layout(raw, self.shape, source))
+            yield Samples(x, self.y[start : start + len(raw)])
+            start += len(raw)
+
+
+def open_samples(path: str | Path, shape: tuple[int | None, ...], what: str = "data") -> SampleFile:
+    """Check an .npz as `load_samples` does, streaming through `x` instead of holding it."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnpError(f"{what} {path}: no such file")
+    source = f"{what} {path}"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive or "y" not in archive:
+                raise AnpError(f"{source}: needs arrays 'x' and 'y', found {sorted(archive.files)}")
+            y = archive["y"]
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            length = _npy_header(member, source)[0][0]
+    except (*_READ_ERRORS, zlib.error) as error:
+        raise AnpError(f"{source}: not a readable .npz file ({error})") from None
+    _check_labels(y, length, source)
+    stream = SampleFile(path, shape, what, y.astype(np.int64))
+    for batch in stream.batches():  # every value checked once, a batch at a time
+        if not np.isfinite(batch.x).all():
+            raise AnpError(f"{source}: 'x' contains NaN or Inf (or values beyond float32)")
+    return stream
+
+
+def _stream_x(path: Path, rows: int, source: str) -> Iterator[np.ndarray]:
+    """`x` from the archive, `rows` samples at a time, without reading the rest."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
+            shape, fortran_order, dtype = _npy_header(member, source)
+            if fortran_order:  # column-major rows are not contiguous on disk: read it whole
+                with np.load(path, allow_pickle=False) as whole:
+                    x = whole["x"]
+                for start in range(0, len(x), rows):
+                    yield x[start : start + rows]
+                return
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            for start in range(0, shape[0], rows):
+                count = min(rows, shape[0] - start)
+                data = member.read(count * row_bytes)
+                if len(data) != count * row_bytes:
+                    raise AnpError(f"{source}: 'x' is truncated")
+                yield np.frombuffer(data, dtype=dtype).reshape((count, *shape[1:]))
+    except (*_READ_ERRORS, zlib.error) as error:
+        raise AnpError(f"{source}: not a readable .npz file ({error})") from None
+
+
+def _npy_header(member: BinaryIO, source: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(member)
+    if dtype.hasobject:
+        raise AnpError(f"{source}: 'x' holds Python objects; only numeric arrays are read")
+    if len(shape) == 0 or shape[0] == 0:
+        raise AnpError(f"{source}: no samples")
+    return shape, fortran_order, dtype
 
 
 def input_layout(shape: tuple[int | None, ...]) -> str:
@@ -47,18 +138,22 @@ def load_samples(path: str | Path, shape: tuple[int | None, ...], what: str = "d
             if "x" not in archive or "y" not in archive:
                 raise AnpError(f"{what} {path}: needs arrays 'x' and 'y', found {sorted(archive.files)}")
             x, y = archive["x"], archive["y"]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as error:
+    except (*_READ_ERRORS, zlib.error) as error:
         raise AnpError(f"{what} {path}: not a readable .npz file ({error})") from None
     if len(x) == 0:
         raise AnpError(f"{what} {path}: no samples")
-    if y.ndim != 1 or len(y) != len(x):
-        raise AnpError(f"{what} {path}: 'y' must be {len(x)} labels, got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise AnpError(f"{what} {path}: labels 'y' must be integers, got {y.dtype}")
+    _check_labels(y, len(x), f"{what} {path}")
     laid_out = to_model_layout(x, shape, f"{what} {path}")
     if not np.isfinite(laid_out).all():
         raise AnpError(f"{what} {path}: 'x' contains NaN or Inf (or values beyond float32)")
     return Samples(np.ascontiguousarray(laid_out), y.astype(np.int64))
+
+
+def _check_labels(y: np.ndarray, count: int, source: str) -> None:
+    if y.ndim != 1 or len(y) != count:
+        raise AnpError(f"{source}: 'y' must be {count} labels, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise AnpError(f"{source}: labels 'y' must be integers, got {y.dtype}")
 
 
 def to_model_layout(x: np.ndarray, shape: tuple[int | None, ...], source: str) -> np.ndarray:
@@ -67,7 +162,7 @@ def to_model_layout(x: np.ndarray, shape: tuple[int | None, ...], source: str) -
         x = _images_to_layout(x.astype(np.float32) / 255.0, shape, source)
     elif np.issubdtype(x.dtype, np.floating):
         with np.errstate(over="ignore"):  # values beyond float32 become Inf, refused by the caller
-            x = x.astype(np.float32)
+            x = x.astype(np.float32, copy=False)
     else:
         raise AnpError(f"{source}: 'x' must be uint8 images or float32 inputs, got {x.dtype}")
     if not _fits(x.shape, shape):

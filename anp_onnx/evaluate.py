@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from anp_onnx.data import Samples
+from anp_onnx.data import SampleFile, Samples
 from anp_onnx.errors import AnpError
 from anp_onnx.model import one_line
 
@@ -103,11 +103,13 @@ class Evaluator:
         outputs = self.outputs(x)
         return outputs.reshape(len(outputs), -1).argmax(axis=1)
 
-    def accuracy(self, samples: Samples) -> float:
-        """Share of samples predicted as their label (for poison data: the attack success rate)."""
-        return float(np.mean(self.predict(samples.x) == samples.y))
+    def accuracy(self, samples: Samples | SampleFile) -> float:
+        """Share of samples predicted as their label (for poison data: the attack success rate),
+        counted a batch at a time."""
+        hits = sum(int(np.sum(self.predict(batch.x) == batch.y)) for batch in samples.batches())
+        return hits / len(samples)
 
-    def measure(self, clean: Samples | None, poison: Samples | None) -> Metrics:
+    def measure(self, clean: Samples | SampleFile | None, poison: Samples | SampleFile | None) -> Metrics:
         return Metrics(
             acc=self.accuracy(clean) if clean is not None else None,
             asr=self.accuracy(poison) if poison is not None else None,

@@ -14,7 +14,7 @@ import torch
 
 from anp_onnx import anp, prune
 from anp_onnx.anp import AnpSettings
-from anp_onnx.data import Samples, load_samples
+from anp_onnx.data import SampleFile, Samples, load_samples, open_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.evaluate import Evaluator, Metrics
 from anp_onnx.importer import check_equivalence, import_model
@@ -134,8 +134,8 @@ def purify(
         model, neuron_map, output_index = load_prunable(model_path, class_output)
         shape = input_shape(model)
         clean = load_samples(data_path, shape, "--data")
-        test = load_samples(test_data, shape, "--test-data") if test_data else None
-        poison = load_samples(poison_data, shape, "--poison-data") if poison_data else None
+        test = open_samples(test_data, shape, "--test-data") if test_data else None
+        poison = open_samples(poison_data, shape, "--poison-data") if poison_data else None
         before_evaluator = Evaluator(model_path, device, class_output)
         classes = int(np.prod(before_evaluator.outputs(clean.x[:1]).shape[1:]))
         for samples, what in ((clean, "--data"), (test, "--test-data"), (poison, "--poison-data")):
@@ -218,7 +218,7 @@ def _check_output(model_path: Path, output: Path, force: bool) -> None:
         raise AnpError(f"output {output} exists: pass --force to replace it, or choose another path with -o")
 
 
-def _check_labels(samples: Samples, classes: int, what: str) -> None:
+def _check_labels(samples: Samples | SampleFile, classes: int, what: str) -> None:
     if samples.y.min() < 0 or samples.y.max() >= classes:
         raise AnpError(f"{what}: labels must lie in 0..{classes - 1} (the model has {classes} classes)")
 

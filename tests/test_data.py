@@ -1,7 +1,9 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 
-from anp_onnx.data import input_layout, load_samples
+from anp_onnx.data import STREAM_ROWS, input_layout, load_samples, open_samples
 from anp_onnx.errors import AnpError
 
 
@@ -45,5 +47,56 @@ def test_float_inputs_are_used_as_they_are(tmp_path):
     ],
 )
 def test_bad_samples_get_a_message_that_names_the_problem(tmp_path, x, y, message):
+    path = save(tmp_path / "d.npz", x, y)
     with pytest.raises(AnpError, match=message):
-        load_samples(save(tmp_path / "d.npz", x, y), (None, 1, 4, 4))
+        load_samples(path, (None, 1, 4, 4))
+    with pytest.raises(AnpError, match=message):
+        open_samples(path, (None, 1, 4, 4))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_streamed_batches_hold_exactly_what_loading_whole_gives(tmp_path, compressed, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2500, 6, 6), dtype=np.uint8) if dtype == np.uint8 else rng.random((2500, 1, 6, 6), dtype)
+    y = rng.integers(0, 10, 2500)
+    path = tmp_path / "d.npz"
+    (np.savez_compressed if compressed else np.savez)(path, x=x, y=y)
+    whole = load_samples(path, (None, 1, 6, 6))
+    stream = open_samples(path, (None, 1, 6, 6))
+    batches = list(stream.batches(rows=1000))
+    assert [len(batch) for batch in batches] == [1000, 1000, 500]
+    assert np.array_equal(np.concatenate([batch.x for batch in batches]), whole.x)
+    assert np.array_equal(np.concatenate([batch.y for batch in batches]), whole.y)
+
+
+def test_column_major_arrays_are_streamed_too(tmp_path):
+    x = np.asfortranarray(np.random.default_rng(0).random((50, 12), np.float32))
+    path = save(tmp_path / "d.npz", x, np.arange(50) % 3)
+    assert np.array_equal(np.concatenate([batch.x for batch in open_samples(path, (None, 12)).batches(7)]), x)
+
+
+def test_a_truncated_array_is_a_clean_error(tmp_path):
+    path = save(tmp_path / "d.npz", np.zeros((300, 1, 4, 4), np.float32), np.zeros(300, np.int64))
+    data = bytearray(path.read_bytes())
+    start = data.index(b"x.npy") + 200  # inside the stored x array
+    path.write_bytes(bytes(data[:start]) + bytes(data[start + 4000 :]))
+    with pytest.raises(AnpError, match=r"not a readable \.npz|truncated"):
+        open_samples(path, (None, 1, 4, 4))
+
+
+def test_memory_stays_bounded_while_a_large_test_set_is_streamed(tmp_path):
+    """A 63 MB test set is checked and read through holding a few batches, not the whole set."""
+    count = 20_000
+    path = save(tmp_path / "big.npz", np.ones((count, 1, 28, 28), np.float32), np.zeros(count, np.int64))
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        stream = open_samples(path, (None, 1, 28, 28))
+        seen = sum(float(batch.x.sum()) for batch in stream.batches())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == count * 28 * 28
+    batch_bytes = STREAM_ROWS * 28 * 28 * 4
+    assert size > 60_000_000 and peak < 4 * batch_bytes

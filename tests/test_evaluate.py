@@ -3,7 +3,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from anp_onnx.data import Samples
+from anp_onnx.data import Samples, open_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.evaluate import Evaluator, providers_for
 
@@ -26,6 +26,16 @@ def test_acc_and_asr_match_an_independent_count(models):
     assert metrics.acc == np.count_nonzero(predicted == labels) / 300
     assert metrics.asr == np.count_nonzero(predicted == 3) / 300
     assert (metrics.clean_samples, metrics.poison_samples) == (300, 300)
+
+
+def test_a_streamed_file_is_counted_exactly_as_the_samples_in_memory(models, tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.random((2600, 20), dtype=np.float32)
+    labels = rng.integers(0, 5, 2600)
+    np.savez(tmp_path / "test.npz", x=x, y=labels)
+    evaluator = Evaluator(models["matmul"], "cpu")
+    streamed = evaluator.accuracy(open_samples(tmp_path / "test.npz", (None, 20)))
+    assert streamed == np.count_nonzero(numpy_forward(models["matmul"], x).argmax(1) == labels) / 2600
 
 
 def test_evaluation_runs_in_batches_that_cover_every_sample(models):
