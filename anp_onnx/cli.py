@@ -305,5 +305,77 @@ def scan(
     click.echo(f"errors under perturbation {100 * result.error_rate:.1f}%; by label {result.label_histogram}")
 
 
+BATCH_EPILOG = (
+    "Exit codes: 0 every model purified within the policy, 1 a model failed, was refused or broke the policy, "
+    "2 bad usage or input. A rerun skips models already done with the same inputs and settings."
+)
+
+
+@main.command(epilog=BATCH_EPILOG)
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="Clean labelled samples (.npz) for every model.")
+@click.option("--out-dir", type=click.Path(path_type=Path), required=True, help="Purified models, reports, summary.")
+@click.option("--manifest", type=click.Path(path_type=Path), help="JSON/YAML list of models with their own settings.")
+@click.option("--report-dir", type=click.Path(path_type=Path), help="Reports, PNG plots and index.html here.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option(
+    "--max-acc-drop",
+    type=click.FloatRange(0, 1),
+    help="Policy (exit 1): test ACC may drop by at most this (0.02 = 2 points). Needs test data.",
+)
+@click.option(
+    "--max-asr", type=click.FloatRange(0, 1), help="Policy (exit 1): ASR after purification at most this (0.1 = 10%)."
+)
+@click.option("--test-data", type=click.Path(path_type=Path), help="Clean test samples for ACC.")
+@click.option("--poison-data", type=click.Path(path_type=Path), help="Triggered samples labelled with the target.")
+@click.option("--iterations", type=click.IntRange(min=0), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--eps", type=click.FloatRange(min=0), default=0.4, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.2, show_default=True)
+@click.option("--neuron-mode", type=click.Choice(["batchnorm", "bias"]), default="batchnorm", show_default=True)
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Prune masks below this [0.2].")
+@click.option("--prune-fraction", type=click.FloatRange(0, 1), help="Prune this share of neurons.")
+@click.option("--prune-count", type=click.IntRange(min=0), help="Prune this many neurons.")
+@click.option(
+    "--prune-max-acc-drop",
+    type=click.FloatRange(0, 1),
+    help="Pruning amount (purify's --max-acc-drop): the most neurons whose held-out clean ACC drops by at most this.",
+)
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--early-stop/--no-early-stop", default=True, show_default=True)
+@click.option("--force", is_flag=True, help="Redo models that are already done.")
+@class_output_option
+@device_option
+def batch(
+    inputs: tuple[Path, ...],
+    out_dir: Path,
+    manifest: Path | None,
+    report_dir: Path | None,
+    executor: str,
+    max_acc_drop: float | None,
+    max_asr: float | None,
+    force: bool,
+    device: str,
+    **settings: object,
+) -> None:
+    """Purify every model in INPUT (.onnx files or folders of them) and/or a manifest, each on its own."""
+    from anp_onnx.batch import Policy, run_batch
+    from anp_onnx.executors import make_executor
+    from anp_onnx.manifest import plan_jobs
+    from anp_onnx.report_page import write_index
+    from anp_onnx.summary import outcome_line, write_summary
+
+    jobs = plan_jobs(inputs, manifest, settings, out_dir, report_dir, device)
+    runner = make_executor(executor)
+    echo = lambda position, total, outcome: click.echo(outcome_line(position, total, outcome))  # noqa: E731
+    result = run_batch(jobs, runner, Policy(max_acc_drop, max_asr), force, on_outcome=echo)
+    summary_json, summary_markdown = write_summary(out_dir, result)
+    if report_dir is not None:
+        click.echo(f"report page {write_index(report_dir, result)}")
+    click.echo(f"summary {summary_json}, {summary_markdown}")
+    sys.exit(result.exit_code)
+
+
 if __name__ == "__main__":
     main()
