@@ -1,0 +1,85 @@
+"""How far can pruning alone go on a model? A greedy *oracle* that sees the poisoned data.
+
+Each round prunes the one neuron that lowers `ASR + weight * ACC drop` most on a selection subset
+of the test and poison data, then reports ACC/ASR on the rest. This is not a defence (it decides
+from poisoned data); it bounds what any pruning-only defence can reach on the model, e.g.::
+
+    .venv/bin/python tools/oracle_prune.py examples/badnets_resnet_bn --rounds 30
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import onnx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from anp_onnx import anp  # noqa: E402
+from anp_onnx.anp import AnpSettings  # noqa: E402
+from anp_onnx.data import load_samples  # noqa: E402
+from anp_onnx.importer import import_model  # noqa: E402
+from anp_onnx.model import input_shape  # noqa: E402
+from anp_onnx.neurons import build_neuron_map  # noqa: E402
+
+
+def hit_rate(classifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100 * float((classifier(x).argmax(1) == y).float().mean())
+
+
+@click.command()
+@click.argument("example", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--rounds", default=30, show_default=True)
+@click.option("--select", default=300, show_default=True, help="Test and poison samples used to choose.")
+@click.option("--weight", default=1.0, show_default=True, help="Weight of the ACC drop against ASR.")
+def main(example: Path, rounds: int, select: int, weight: float) -> None:
+    model = onnx.load(str(example / "model.onnx"))
+    neuron_map = build_neuron_map(model)
+    shape = input_shape(model)
+    clean, test, poison = (load_samples(example / f"{name}.npz", shape) for name in ("clean", "test", "poison"))
+    classifier = import_model(model, neuron_map, renormalise=True)
+    anp.calibrate(classifier, torch.from_numpy(clean.x), AnpSettings())
+    classifier.eval()
+    pick = [torch.from_numpy(a[:select]) for a in (test.x, test.y, poison.x, poison.y)]
+    rest = [torch.from_numpy(a[select:]) for a in (test.x, test.y, poison.x, poison.y)]
+    gates = list(zip(classifier.neuron_map.layers, classifier.gates, strict=True))
+    base_acc = hit_rate(classifier, pick[0], pick[1])
+    click.echo(
+        f"{example.name}: before ACC/ASR on the rest {hit_rate(classifier, *rest[:2]):.1f}/"
+        f"{hit_rate(classifier, *rest[2:]):.1f}"
+    )
+    pruned: list[tuple[str, int]] = []
+    for round_ in range(1, rounds + 1):
+        best = None
+        for layer, gate in gates:
+            for channel in range(layer.channels):
+                if gate.mask[channel] == 0:
+                    continue
+                with torch.no_grad():
+                    gate.mask[channel] = 0.0
+                acc, asr = hit_rate(classifier, pick[0], pick[1]), hit_rate(classifier, pick[2], pick[3])
+                with torch.no_grad():
+                    gate.mask[channel] = 1.0
+                score = asr + weight * max(0.0, base_acc - acc)
+                if best is None or score < best[0]:
+                    best = (score, layer.name, channel, gate, acc, asr)
+        assert best is not None
+        _, name, channel, gate, acc, asr = best
+        with torch.no_grad():
+            gate.mask[channel] = 0.0
+        pruned.append((name, channel))
+        click.echo(
+            f"round {round_:2d}: {name}[{channel}] select {acc:.1f}/{asr:.1f}  "
+            f"rest ACC/ASR {hit_rate(classifier, *rest[:2]):.1f}/{hit_rate(classifier, *rest[2:]):.1f}"
+        )
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
