@@ -13,6 +13,7 @@ from anp_onnx.errors import AnpError
 from anp_onnx.model import one_line
 
 EVAL_BATCH = 256
+INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,9 @@ class Evaluator:
             self.output_name = _class_output(self.session, output)
         except UnicodeDecodeError:
             raise AnpError(f"{model_path}: an input or output name or shape is not valid UTF-8") from None
-        self.batch_size = batch if isinstance(batch, int) and batch > 0 else EVAL_BATCH
+        self.fixed_batch = isinstance(batch, int) and batch > 0  # the graph only takes batches of this size
+        self.batch_size = batch if self.fixed_batch else EVAL_BATCH
+        self.input_dtype = INPUT_DTYPES.get(self.input.type, np.float32)  # float32 data feeds a float16 model too
 
     @property
     def provider(self) -> str:
@@ -93,9 +96,14 @@ class Evaluator:
         return np.concatenate(chunks)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        """One batch through onnxruntime; a model that fails at run time is the user's file, not a bug."""
+        """One batch through onnxruntime; a model that fails at run time is the user's file, not a bug.
+        A short last batch for a fixed-batch graph is padded with copies of its last sample, then cut."""
+        count = len(batch)
+        if self.fixed_batch and count < self.batch_size:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - count, axis=0)])
         try:
-            return self.session.run([self.output_name], {self.input.name: batch})[0]
+            feed = {self.input.name: batch.astype(self.input_dtype, copy=False)}
+            return self.session.run([self.output_name], feed)[0][:count]
         except Exception as error:  # onnxruntime raises its own unrelated types (Fail, InvalidArgument, ...)
             raise AnpError(f"onnxruntime cannot run the model ({one_line(error)})") from None
 

@@ -2,7 +2,8 @@
 
 A gate turns a layer's activation `y` into `(m + delta) * (y - p) + (1 + xi) * p`, where `p` is the
 channel's pruned value (its bias, BatchNorm's beta, or the channel's clean mean). With `m = 0` the
-channel outputs the constant `p`, which is exactly what `rewrite.py` writes into the ONNX file.
+channel outputs the constant `p`, which is exactly what `rewrite.py` writes into the ONNX file. In a
+float16 model `p` is rounded to float16 on the way, as the rewriter must store it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class NeuronGate(nn.Module):
         self.register_buffer("pruned_value", torch.as_tensor(pruned_value, dtype=torch.float32))
         self.register_buffer("reference_mean", torch.zeros(channels))
         self.register_buffer("reference_std", torch.ones(channels))
+        self.stored_dtype = getattr(torch, layer.bias_dtype, torch.float32)  # precision `p` is written in
         self.renormalise = renormalise  # re-create train-mode BatchNorm for layers that have none
         self.optimising = False  # batch statistics on (only while masks are optimised)
         self.perturbed = False  # adversarial noise on
@@ -49,9 +51,12 @@ class NeuronGate(nn.Module):
         if self.perturbed:
             scale = self.mask + self.noise_weight
             bias_factor = 1.0 + self.noise_bias
-        pruned_value = self.pruned_value * bias_factor
+        stored_value = self.pruned_value
+        if self.stored_dtype in (torch.float16, torch.bfloat16):
+            stored_value = stored_value.to(self.stored_dtype).to(self.pruned_value.dtype)
+        pruned_value = stored_value * bias_factor
         return self._per_channel(scale, ndim) * (
-            activation - self._per_channel(self.pruned_value, ndim)
+            activation - self._per_channel(stored_value, ndim)
         ) + self._per_channel(pruned_value, ndim)
 
 

@@ -19,26 +19,34 @@ from anp_onnx.model import Graph, normalised_for_torch
 from anp_onnx.neurons import NeuronMap, current_bias
 
 FALLBACK_OPSET = 17  # onnx2torch converts most ops up to this opset
-PROBABILITY_OPS = frozenset({"Softmax"})
+OUTPUT_KINDS = {"Softmax": "probabilities", "LogSoftmax": "log_probabilities", "Sigmoid": "sigmoid"}
+SHAPE_ONLY_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
+TOLERANCE = 1e-3  # torch vs onnxruntime, relative to the largest output (at least 1)
+FLOAT16_TOLERANCE = 1e-2  # onnxruntime computes float16 models in float16, torch in float32
+PROBABILITY_FLOOR = 1e-7
 
 
 class GatedClassifier(nn.Module):
-    """The converted model with gates; returns the class output only (graph output `output_index`)."""
+    """The converted model with gates; returns the class output only (graph output `output_index`).
+    `output_kind` says what that output holds (see `output_kind`); `tolerance` is how far it may be
+    from onnxruntime's (relative to the largest output)."""
 
     def __init__(
         self,
         graph_module: nn.Module,
         neuron_map: NeuronMap,
         gates: list[NeuronGate],
-        outputs_probabilities: bool,
+        output_kind: str = "logits",
         output_index: int = 0,
+        tolerance: float = TOLERANCE,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.neuron_map = neuron_map
         self.gates = nn.ModuleList(gates)
-        self.outputs_probabilities = outputs_probabilities
+        self.output_kind = output_kind
         self.output_index = output_index
+        self.tolerance = tolerance
         for layer, gate in zip(neuron_map.layers, gates, strict=True):
             _layer_module(graph_module, layer.output_node_index).register_forward_hook(_gate_hook(gate))
 
@@ -47,9 +55,19 @@ class GatedClassifier(nn.Module):
         return outputs[self.output_index] if isinstance(outputs, (tuple, list)) else outputs
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy, whether the model outputs logits or probabilities."""
-        if self.outputs_probabilities:
+        """The loss the model was trained with, read from what its output holds: cross-entropy for
+        logits, softmax probabilities and log-probabilities (all three give the same value);
+        for independent per-class sigmoids, binary cross-entropy against the one-hot label, summed
+        over classes and averaged over the batch (one-vs-rest training, on the scale of cross-entropy)."""
+        outputs = outputs.reshape(len(outputs), -1)
+        if self.output_kind == "probabilities":
             return nn.functional.nll_loss(torch.log(outputs.clamp_min(1e-12)), labels)
+        if self.output_kind == "log_probabilities":
+            return nn.functional.nll_loss(outputs, labels)
+        if self.output_kind == "sigmoid":
+            targets = nn.functional.one_hot(labels, outputs.shape[1]).to(outputs.dtype)
+            probabilities = outputs.clamp(PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+            return nn.functional.binary_cross_entropy(probabilities, targets, reduction="sum") / len(outputs)
         return nn.functional.cross_entropy(outputs, labels)
 
     def batch_norm_modules(self) -> list[nn.Module]:
@@ -87,8 +105,8 @@ def import_model(
         NeuronGate(layer, current_bias(graph, layer), renormalise and not layer.batch_normalised)
         for layer in neuron_map.layers
     ]
-    probabilities = outputs_probabilities(model, output_index)
-    return GatedClassifier(graph_module, neuron_map, gates, probabilities, output_index)
+    tolerance = FLOAT16_TOLERANCE if is_float16(model) else TOLERANCE
+    return GatedClassifier(graph_module, neuron_map, gates, output_kind(model, output_index), output_index, tolerance)
 
 
 def convert_to_torch(model: onnx.ModelProto) -> nn.Module:
@@ -122,21 +140,37 @@ def _quiet(function, *args):
         return function(*args)
 
 
-def outputs_probabilities(model: onnx.ModelProto, output_index: int = 0) -> bool:
-    """True when the class output is produced by a Softmax (probabilities, not logits)."""
+def output_kind(model: onnx.ModelProto, output_index: int = 0) -> str:
+    """What the class output holds: 'probabilities' (Softmax), 'log_probabilities' (LogSoftmax),
+    'sigmoid' (Sigmoid), or 'logits' (anything else), looking back through shape-only ops."""
     graph = Graph(model)
-    producer = graph.producer.get(model.graph.output[output_index].name)
-    return producer is not None and graph.nodes[producer].op_type in PROBABILITY_OPS
+    name = model.graph.output[output_index].name
+    while (producer := graph.producer.get(name)) is not None:
+        node = graph.nodes[producer]
+        if node.op_type in OUTPUT_KINDS:
+            return OUTPUT_KINDS[node.op_type]
+        if node.op_type not in SHAPE_ONLY_OPS or not node.input:
+            break
+        name = node.input[0]
+    return "logits"
+
+
+def is_float16(model: onnx.ModelProto) -> bool:
+    """True when the model computes in float16 (its input or any initializer is float16)."""
+    float16 = onnx.TensorProto.FLOAT16
+    inputs = [value.type.tensor_type.elem_type for value in model.graph.input]
+    return float16 in inputs or any(tensor.data_type == float16 for tensor in model.graph.initializer)
 
 
 def check_equivalence(classifier: GatedClassifier, inputs: np.ndarray, reference: np.ndarray, what: str) -> float:
-    """Max abs difference between the torch model and onnxruntime's outputs; AnpError when they disagree."""
+    """Max abs difference between the torch model and onnxruntime's outputs; AnpError when they disagree
+    by more than the classifier's tolerance (relative to the largest output, at least 1)."""
     classifier.eval()
     device = next(classifier.gates.buffers()).device if len(classifier.gates) else torch.device("cpu")
     with torch.no_grad():
-        ours = classifier(torch.from_numpy(inputs).to(device)).float().cpu().numpy()
-    difference = float(np.max(np.abs(ours - reference)))
-    tolerance = 1e-3 * max(1.0, float(np.max(np.abs(reference))))
+        ours = classifier(torch.from_numpy(inputs).float().to(device)).float().cpu().numpy()
+    difference = float(np.max(np.abs(ours - reference.astype(np.float32))))
+    tolerance = classifier.tolerance * max(1.0, float(np.max(np.abs(reference))))
     if not np.isfinite(difference) or difference > tolerance:
         raise AnpError(f"{what}: the torch conversion disagrees with onnxruntime (max difference {difference:.3g})")
     return difference

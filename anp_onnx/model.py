@@ -1,20 +1,17 @@
-"""Loading ONNX files and reading their graph: producers, consumers and constants behind a tensor name."""
+"""Loading ONNX files, checking that they can be purified, and the copy of the graph that torch trains on."""
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from anp_onnx.errors import AnpError
-
-PASS_THROUGH_CONSTANT_OPS = frozenset({"Identity"})
+from anp_onnx.graph import Graph as Graph  # re-exported: the graph index
+from anp_onnx.normalise import normalised_for_torch as normalised_for_torch  # re-exported: the torch-ready copy
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -130,69 +127,6 @@ def _typed_entries(data_type: int, count: int) -> int:
     return 2 * count if data_type in COMPLEX_TYPES else count
 
 
-@dataclass
-class Graph:
-    """Read-only index over a ModelProto's main graph."""
-
-    model: onnx.ModelProto
-
-    @property
-    def nodes(self) -> list[onnx.NodeProto]:
-        return list(self.model.graph.node)
-
-    @cached_property
-    def initializers(self) -> dict[str, onnx.TensorProto]:
-        return {tensor.name: tensor for tensor in self.model.graph.initializer}
-
-    @cached_property
-    def producer(self) -> dict[str, int]:
-        """Tensor name -> index of the node that outputs it."""
-        return {name: index for index, node in enumerate(self.model.graph.node) for name in node.output if name}
-
-    @cached_property
-    def consumers(self) -> dict[str, list[int]]:
-        """Tensor name -> indices of the nodes that read it."""
-        table: dict[str, list[int]] = {}
-        for index, node in enumerate(self.model.graph.node):
-            for name in node.input:
-                if name:
-                    table.setdefault(name, []).append(index)
-        return table
-
-    @cached_property
-    def output_names(self) -> set[str]:
-        return {output.name for output in self.model.graph.output}
-
-    def resolve_initializer(self, name: str) -> str | None:
-        """Name of the initializer behind `name`, following Identity nodes; None if it is not constant."""
-        seen = set()
-        while name not in self.initializers:
-            index = self.producer.get(name)
-            if index is None or index in seen:
-                return None
-            seen.add(index)
-            node = self.model.graph.node[index]
-            if node.op_type not in PASS_THROUGH_CONSTANT_OPS or not node.input:
-                return None
-            name = node.input[0]
-        return name
-
-    def constant(self, name: str) -> np.ndarray | None:
-        """Value of a constant tensor (an initializer, possibly behind Identity), else None."""
-        initializer = self.resolve_initializer(name)
-        if initializer is None:
-            return None
-        return numpy_helper.to_array(self.initializers[initializer])
-
-    def uses(self, initializer: str) -> int:
-        """How many node inputs and graph outputs read this tensor."""
-        return len(self.consumers.get(initializer, [])) + (initializer in self.output_names)
-
-    def node_label(self, index: int) -> str:
-        node = self.model.graph.node[index]
-        return node.name or f"{node.op_type}_{index}"
-
-
 def graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     """The model's single data input (graph inputs that are not initializers)."""
     initializer_names = {tensor.name for tensor in model.graph.initializer}
@@ -203,37 +137,35 @@ def graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
+IMAGE_INPUT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
+
 def input_shape(model: onnx.ModelProto) -> tuple[int | None, ...]:
-    """Static dims of the data input; None for symbolic or unknown dims. The input must be float32."""
-    value = graph_input(model)
-    tensor_type = value.type.tensor_type
-    if tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        kind = element_type_name(tensor_type.elem_type) if tensor_type.elem_type else "not a tensor"
-        raise AnpError(f"input {value.name!r} is {kind}: anp-onnx handles models with a float32 image input")
+    """Static dims of the data input; None for symbolic or unknown dims. The input must be float32 or float16."""
+    input_dtype(model)
+    tensor_type = graph_input(model).type.tensor_type
     return tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim)
 
 
-def normalised_for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy that onnx2torch can convert: nodes named `node_<index>` after their position in the
-    original graph, and Identity nodes on initializers bypassed (onnx2torch fails on those)."""
-    graph = Graph(model)
-    result = copy.deepcopy(model)
-    for index, node in enumerate(result.graph.node):
-        node.name = f"node_{index}"
-    keep = []
-    for node in result.graph.node:
-        is_constant_identity = node.op_type == "Identity" and graph.resolve_initializer(node.output[0])
-        if is_constant_identity and node.output[0] not in graph.output_names:
-            continue
-        keep.append(node)
-    for node in keep:
-        for position, name in enumerate(node.input):
-            resolved = graph.resolve_initializer(name) if name else None
-            if resolved is not None and resolved != name:
-                node.input[position] = resolved
-    del result.graph.node[:]
-    result.graph.node.extend(keep)
-    return result
+def input_dtype(model: onnx.ModelProto) -> type[np.floating]:
+    """numpy type of the data input (float32 or float16); AnpError for any other input."""
+    value = graph_input(model)
+    problem = input_problem(value)
+    if problem:
+        raise AnpError(
+            f"input {value.name!r} is {problem}: anp-onnx handles models with a float32 or float16 image input"
+        )
+    return IMAGE_INPUT_TYPES[value.type.tensor_type.elem_type]
+
+
+def input_problem(value: onnx.ValueInfoProto) -> str | None:
+    """What makes a graph input unusable as an image input (its type), or None."""
+    if not value.type.HasField("tensor_type"):
+        return "not a tensor"
+    element_type = value.type.tensor_type.elem_type
+    if element_type not in IMAGE_INPUT_TYPES:
+        return element_type_name(element_type) if element_type else "of unknown type"
+    return None
 
 
 QUANTIZED_OPS = frozenset(
@@ -263,6 +195,20 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
         reason = unsupported_reason(node)
         if reason is not None:
             found.append((f"{graph.node_label(index)} ({node.op_type})", reason))
+    return found
+
+
+def unsupported_inputs(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(input label, reason) for data inputs that are not one float image batch (token ids, masks, ...)."""
+    initializer_names = {tensor.name for tensor in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializer_names]
+    found = []
+    for value in inputs:
+        problem = input_problem(value)
+        if problem:
+            found.append((f"input {value.name!r}", f"{problem} input, not an image"))
+    if len(inputs) > 1:
+        found.append((", ".join(f"input {value.name!r}" for value in inputs), "several data inputs, not one image"))
     return found
 
 

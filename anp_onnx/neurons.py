@@ -3,8 +3,15 @@ channel's weights and bias live in the initializers.
 
 A neuron is one output channel. Its activation is `y_c = s_c(x) + b_c`: the weighted part `s_c`
 (conv/matmul result, or `gamma_c * x_hat` for BatchNormalization) and the bias `b_c`. Pruning a
-neuron makes it output a constant; `rewrite.py` zeroes the weight slice and, where the bias is
-per-channel, writes the constant into it.
+neuron makes it output a constant; `rewrite.py` zeroes the weight entries that feed it
+(`channel_entries`) and, where the bias is per-channel, writes the constant into it.
+
+Grouped and depthwise Conv are no exception: each output channel has its own filter
+(weight[c] reads only its group's inputs), so a neuron is one output channel and nothing else has
+to be zeroed with it. Channels are zeroed, not removed, so the coupling that structural pruning
+must respect (a depthwise layer's input c is its output c) does not arise: the next layer keeps
+reading the constant. ConvTranspose keeps its weight as [in, out/groups, ...]: the output channel
+is on axis 1, inside its group's block of input rows.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from anp_onnx.model import Graph
+from anp_onnx.graph import Graph, attribute
 
 WEIGHT_OPS = frozenset({"Conv", "Gemm", "MatMul", "ConvTranspose"})
 
@@ -37,6 +44,8 @@ class Layer:
     bias_scale: float = 1.0  # the bias enters as bias_scale * bias (Gemm's beta)
     bias_per_channel: bool = False  # True when bias has one entry per channel and can be rewritten
     batch_normalised: bool = False  # a BatchNormalization node: normalises with its own statistics
+    weight_groups: int = 1  # ConvTranspose with groups: see channel_entries
+    bias_dtype: str = "float32"  # how the bias is stored: the precision a pruned channel's constant is written in
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,26 @@ class NeuronMap:
             if layer.name == name:
                 return layer
         raise KeyError(name)
+
+
+def channel_entries(layer: Layer, weight_shape: tuple[int, ...], channel: int) -> tuple[slice | int, ...]:
+    """Index of the weight entries that feed output channel `channel` (as the layer's node reads its weight).
+
+    Conv (grouped and depthwise included), Gemm and MatMul: one slice along `weight_axis`, since every
+    output channel has its own filter whatever the groups. ConvTranspose's weight is
+    [in, out/groups, ...]: channel c of group g = c // (out/groups) is column c % (out/groups) of that
+    group's block of input rows.
+    """
+    index: list[slice | int] = [slice(None)] * len(weight_shape)
+    if layer.weight_groups == 1:
+        index[layer.weight_axis] = channel
+        return tuple(index)
+    per_group_out = weight_shape[layer.weight_axis]
+    per_group_in = weight_shape[0] // layer.weight_groups
+    group = channel // per_group_out
+    index[0] = slice(group * per_group_in, (group + 1) * per_group_in)
+    index[layer.weight_axis] = channel % per_group_out
+    return tuple(index)
 
 
 def current_bias(graph: Graph, layer: Layer) -> np.ndarray:
@@ -105,11 +134,9 @@ def _replace(layer: Layer, **changes: object) -> Layer:
     return dataclasses.replace(layer, **changes)
 
 
-def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
+def stored_dtype(graph: Graph, source: str) -> str:
+    """numpy name of the element type a stored constant is kept in ('float32', 'float16', ...)."""
+    return str(onnx.helper.tensor_dtype_to_np_dtype(graph.stored(source).data_type))
 
 
 def _single_consumer(graph: Graph, tensor: str) -> int | None:
@@ -134,23 +161,24 @@ def _layer_of(graph: Graph, index: int) -> tuple[Layer | None, str]:
         return _batch_norm_layer(graph, index, label)
     if len(node.input) < 2 or graph.resolve_initializer(node.input[1]) is None:
         return None, "weights are not a constant initializer"
-    if node.op_type == "ConvTranspose":
-        return None, "ConvTranspose is not supported yet"
     if _feeds_batch_norm(graph, index):
         return None, ""  # its BatchNormalization carries the neurons
     weight_name = graph.resolve_initializer(node.input[1])
-    weight = graph.initializers[weight_name]
-    dims = list(weight.dims)
+    dims = list(graph.constant(node.input[1]).shape)
+    bias_input = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = graph.resolve_initializer(bias_input) if bias_input else None
     if node.op_type == "Conv":
-        bias = graph.resolve_initializer(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         return _linear_layer(graph, index, label, weight_name, 0, dims[0], 1, bias, 1.0), ""
+    if node.op_type == "ConvTranspose":
+        groups = int(attribute(node, "group", 1))
+        layer = _linear_layer(graph, index, label, weight_name, 1, dims[1] * groups, 1, bias, 1.0)
+        return _replace(layer, weight_groups=groups), ""
     if node.op_type == "Gemm":
         if len(dims) != 2:
             return None, "Gemm weight is not 2-D"
-        trans_b = bool(_attribute(node, "transB", 0))
+        trans_b = bool(attribute(node, "transB", 0))
         channels = dims[0] if trans_b else dims[1]
-        bias = graph.resolve_initializer(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        beta = float(_attribute(node, "beta", 1.0))
+        beta = float(attribute(node, "beta", 1.0))
         return _linear_layer(graph, index, label, weight_name, 0 if trans_b else 1, channels, -1, bias, beta), ""
     # MatMul with a constant [in, out] right operand; a following Add of a constant is its bias.
     if len(dims) != 2:
@@ -161,9 +189,9 @@ def _layer_of(graph: Graph, index: int) -> tuple[Layer | None, str]:
     if consumer is not None and graph.nodes[consumer].op_type == "Add":
         add = graph.nodes[consumer]
         other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        candidate = graph.resolve_initializer(other)
-        if candidate is not None and int(np.prod(graph.initializers[candidate].dims)) in (1, channels):
-            output_index, bias = consumer, candidate
+        value = graph.constant(other)
+        if value is not None and value.size in (1, channels):
+            output_index, bias = consumer, graph.resolve_initializer(other)
     layer = _linear_layer(graph, index, label, weight_name, 1, channels, -1, bias, 1.0)
     return _replace(layer, output_node_index=output_index), ""
 
@@ -179,7 +207,7 @@ def _linear_layer(
     bias: str | None,
     bias_scale: float,
 ) -> Layer:
-    per_channel = bias is not None and int(np.prod(graph.initializers[bias].dims)) == channels
+    per_channel = bias is not None and graph.constant(bias).size == channels
     return Layer(
         name=label,
         op_type=graph.nodes[index].op_type,
@@ -192,6 +220,7 @@ def _linear_layer(
         bias=bias,
         bias_scale=bias_scale,
         bias_per_channel=per_channel,
+        bias_dtype=stored_dtype(graph, bias) if bias else "float32",
     )
 
 
@@ -203,7 +232,7 @@ def _batch_norm_layer(graph: Graph, index: int, label: str) -> tuple[Layer | Non
     if len(node.output) > 1 and any(node.output[1:]):
         return None, "BatchNormalization in training mode"
     scale, bias = names[0], names[1]
-    channels = int(np.prod(graph.initializers[scale].dims))
+    channels = graph.constant(scale).size
     layer = Layer(
         name=label,
         op_type="BatchNormalization",
@@ -216,6 +245,7 @@ def _batch_norm_layer(graph: Graph, index: int, label: str) -> tuple[Layer | Non
         bias=bias,
         bias_per_channel=True,
         batch_normalised=True,
+        bias_dtype=stored_dtype(graph, bias),
     )
     return layer, ""
 

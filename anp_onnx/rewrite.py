@@ -18,14 +18,14 @@ import onnx
 from onnx import numpy_helper
 
 from anp_onnx.errors import AnpError
-from anp_onnx.model import Graph
-from anp_onnx.neurons import Layer, NeuronMap, current_bias
+from anp_onnx.graph import Graph
+from anp_onnx.neurons import Layer, NeuronMap, channel_entries, current_bias
 from anp_onnx.prune import PruningPlan
 
 VALUE_TOLERANCE = 1e-7
 MAX_PROTOBUF_BYTES = 2**31 - 1
-WEIGHT_INPUT = 1  # Conv/Gemm/MatMul weights and BatchNormalization's scale
-BIAS_INPUT = 2  # Conv's B, Gemm's C and BatchNormalization's B
+WEIGHT_INPUT = 1  # Conv/ConvTranspose/Gemm/MatMul weights and BatchNormalization's scale
+BIAS_INPUT = 2  # Conv's and ConvTranspose's B, Gemm's C and BatchNormalization's B
 
 
 def apply_plan(model: onnx.ModelProto, neuron_map: NeuronMap, plan: PruningPlan) -> onnx.ModelProto:
@@ -49,9 +49,8 @@ def _prune_layer(model: onnx.ModelProto, layer: Layer, channels: list[int], valu
     needs_bias = not np.allclose(bias_now, values, rtol=0, atol=VALUE_TOLERANCE)
 
     def zero_weights(weight: np.ndarray) -> None:
-        index = [slice(None)] * weight.ndim
-        index[layer.weight_axis] = channels
-        weight[tuple(index)] = 0
+        for channel in channels:
+            weight[channel_entries(layer, weight.shape, channel)] = 0
 
     _edit_initializer(model, layer.node_index, WEIGHT_INPUT, zero_weights)
     if needs_bias:
@@ -74,29 +73,36 @@ def bias_input(graph: Graph, layer: Layer) -> int:
 def _edit_initializer(
     model: onnx.ModelProto, node_index: int, position: int, edit: Callable[[np.ndarray], None]
 ) -> None:
-    """Apply `edit` to the initializer behind one node input, copying it first if anything else reads it."""
+    """Apply `edit` to the constant one node input reads, in the stored tensor behind it (through
+    Identity/Cast/Reshape/Transpose, see graph.ConstantChain). If anything else reads that tensor or
+    a step of its chain, this node input is pointed at a new initializer holding the edited value."""
     graph = Graph(model)
     node = model.graph.node[node_index]
-    name = graph.resolve_initializer(node.input[position])
-    tensor = graph.initializers[name]
-    values = numpy_helper.to_array(tensor).copy()
+    name = node.input[position]
+    source = graph.resolve_initializer(name)
+    stored = numpy_helper.to_array(graph.stored(source))
+    values = graph.constant(name).copy()
     edit(values)
-    if _is_shared(graph, node.input[position]):
-        copy_name = _fresh_name(graph, f"{name}_pruned_{node_index}")
-        model.graph.initializer.append(numpy_helper.from_array(values.astype(values.dtype), copy_name))
+    if stored.dtype != values.dtype:
+        values = values.astype(stored.dtype).astype(values.dtype)  # what the stored precision keeps
+    if _is_shared(graph, name):
+        copy_name = _fresh_name(graph, f"{source}_pruned_{node_index}")
+        model.graph.initializer.append(numpy_helper.from_array(values, copy_name))
         node.input[position] = copy_name
+        return
+    if graph.chain(name).nodes:
+        updated = np.empty_like(stored)
+        updated.reshape(-1)[graph.source_positions(name).reshape(-1)] = values.reshape(-1)
     else:
-        tensor.CopyFrom(numpy_helper.from_array(values, name))
+        updated = values.astype(stored.dtype, copy=False)
+    graph.stored(source).CopyFrom(numpy_helper.from_array(updated, graph.stored(source).name))
 
 
 def _is_shared(graph: Graph, tensor: str) -> bool:
-    """True if any tensor on the Identity chain from this node input to its initializer has other readers."""
-    while True:
-        if graph.uses(tensor) > 1:
-            return True
-        if tensor in graph.initializers:
-            return False
-        tensor = graph.nodes[graph.producer[tensor]].input[0]
+    """True if any tensor on the chain from this node input to its stored tensor has other readers."""
+    chain = graph.chain(tensor)
+    names = [tensor, *(graph.nodes[index].input[0] for index in chain.nodes)]
+    return any(graph.uses(name) > 1 for name in names)
 
 
 def _fresh_name(graph: Graph, base: str) -> str:

@@ -198,3 +198,72 @@ def test_the_refusal_says_why(tmp_path):
 
 def test_a_supported_model_lists_nothing_unsupported(models):
     assert json.loads(invoke("inspect", models["batchnorm"], "--json").output)["unsupported"] == []
+
+
+# Inputs that are not one batch of float images
+
+
+def dense_head(source: str) -> list[onnx.NodeProto]:
+    return [
+        helper.make_node("Flatten", [source], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "hidden_w"], ["hidden"], name="hidden", transB=1),
+        helper.make_node("Relu", ["hidden"], ["relu"], name="relu"),
+        helper.make_node("Gemm", ["relu", "head_w"], ["logits"], name="head", transB=1),
+    ]
+
+
+def non_image_model(kind: str) -> onnx.ModelProto:
+    """Token ids through an embedding, a boolean mask cast to float, or an image with a second input."""
+    rng = np.random.default_rng(0)
+    tensors = [
+        constant("hidden_w", rng.normal(size=(5, 36)), np.float32),
+        constant("head_w", rng.normal(size=(3, 5)), np.float32),
+    ]
+    if kind == "token ids":
+        inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["n", 9])]
+        nodes = [
+            helper.make_node("Gather", ["embedding", "tokens"], ["embedded"], name="embed"),
+            *dense_head("embedded"),
+        ]
+        tensors.append(constant("embedding", rng.normal(size=(50, 4)), np.float32))
+    elif kind == "boolean mask":
+        inputs = [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n", 36])]
+        nodes = [
+            helper.make_node("Cast", ["mask"], ["as_float"], name="cast", to=TensorProto.FLOAT),
+            *dense_head("as_float"),
+        ]
+    else:
+        inputs = [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", *SHAPE]),
+            helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["n", *SHAPE]),
+        ]
+        nodes = [helper.make_node("Mul", ["image", "weights"], ["weighted"], name="weigh"), *dense_head("weighted")]
+    graph = helper.make_graph(
+        nodes, kind, inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], tensors
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+NON_IMAGE = {
+    "token ids": ("input 'tokens' is int64", "input 'tokens'", "int64 input, not an image"),
+    "boolean mask": ("input 'mask' is bool", "input 'mask'", "bool input, not an image"),
+    "two inputs": ("exactly one data input, it has 2 (image, weights)", "input 'image', input 'weights'", "several"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NON_IMAGE))
+def test_non_image_inputs_are_refused_in_one_line_and_inspect_names_them(tmp_path, kind):
+    path = tmp_path / "model.onnx"
+    model = non_image_model(kind)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    data = random_samples(tmp_path / "data.npz", 8, (36,), classes=3)
+    before = sorted(tmp_path.iterdir())
+    message, node, reason = NON_IMAGE[kind]
+    for command in ("purify", "scan", "evaluate"):
+        result = invoke(command, path, "--data", data)
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert message in result.output
+    assert sorted(tmp_path.iterdir()) == before, "nothing written"
+    listed = json.loads(invoke("inspect", path, "--json").output)["unsupported"]
+    assert any(entry["node"] == node and reason in entry["reason"] for entry in listed), listed
