@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 EXAMPLE := examples/badnets_resnet_bn
 OUT := out
 
-.PHONY: install demo test test-slow fuzz lint format fashion-mnist examples bench-speed clean
+.PHONY: install demo test test-slow fuzz lint format fashion-mnist examples bench bench-speed clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ fashion-mnist:
 # Regenerates the committed examples from fixed seeds (a few minutes on 2 CPU cores).
 examples: $(INSTALLED) fashion-mnist
 	$(PY) tools/make_examples.py
+
+# The defence benchmark (issues 3 and 5): trains the grid's models once into cache/bench/ (about 40 min on
+# 2 CPU cores), then ANP with purify's defaults, Fine-Pruning and CLP through the same rewriter, and the scan,
+# on every model; writes docs/RESULTS.md, docs/results.json and the threshold figure. Options:
+# `$(PY) tools/bench_defense.py --help` (e.g. --cells, --iterations, --methods).
+bench: $(INSTALLED) fashion-mnist
+	$(PY) tools/bench_defense.py
 
 # Cost of one ANP iteration in plain training steps, against a reference-style loop, and
 # onnxruntime evaluation throughput (issue 6); prints ratios measured side by side.

@@ -185,6 +185,12 @@ def save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 @click.option("--cifar-root", type=click.Path(path_type=Path, file_okay=False), default=None)
 @click.option("--export", "export", type=click.Choice(["folded", "bn"]), default="folded", show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), required=True)
+@click.option(
+    "--folded-copy-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also export the same trained weights with BatchNorm folded into this folder (same data files).",
+)
 @click.option("--clean-model", is_flag=True, help="Train on clean data (a control model, no backdoor).")
 @click.option("--trigger", multiple=True, metavar="KEY=VALUE", help="Trigger parameter, e.g. alpha=0.2.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
@@ -204,6 +210,7 @@ def main(
     cifar_root: Path | None,
     export: str,
     out_dir: Path,
+    folded_copy_dir: Path | None,
     clean_model: bool,
     trigger: tuple[str, ...],
     batch_size: int,
@@ -242,54 +249,57 @@ def main(
     train(model, x_used, y_used, epochs, batch_size, lr, seed, device, use_augmentation=dataset == "cifar10")
     train_seconds = time.perf_counter() - started
 
-    model_bytes = export_onnx(model, to_input(x_test[:2]), export)
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    parity = check_parity(model, session, x_test[test_idx[:256]])
-    clean_acc = float((onnx_logits(session, x_test).argmax(1) == y_test).mean())
-    asr = float((onnx_logits(session, x_test_triggered).argmax(1) == target).mean())
-    ops = [node.op_type for node in onnx.load_from_string(model_bytes).graph.node]
+    # The same trained weights, exported once per requested style (--folded-copy-dir adds a folded copy).
+    cases = [(out_dir, export)] + ([(folded_copy_dir, "folded")] if folded_copy_dir is not None else [])
+    for case_dir, case_export in cases:
+        model_bytes = export_onnx(model, to_input(x_test[:2]), case_export)
+        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        parity = check_parity(model, session, x_test[test_idx[:256]])
+        clean_acc = float((onnx_logits(session, x_test).argmax(1) == y_test).mean())
+        asr = float((onnx_logits(session, x_test_triggered).argmax(1) == target).mean())
+        ops = [node.op_type for node in onnx.load_from_string(model_bytes).graph.node]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model.onnx").write_bytes(model_bytes)
-    save_npz(out_dir / "clean.npz", x_train[clean_idx], y_train[clean_idx])
-    save_npz(out_dir / "test.npz", x_test[test_idx], y_test[test_idx])
-    save_npz(
-        out_dir / "poison.npz",
-        x_test_triggered[np.searchsorted(victims, poison_idx)],
-        np.full(len(poison_idx), target, dtype=np.int64),
-    )
-    meta = {
-        "arch": arch,
-        "attack": None if clean_model else attack_name,
-        "trigger": attack.params(),
-        "target": target,
-        "poison_rate": 0.0 if clean_model else poison_rate,
-        "n_poisoned_or_modified": int((~untouched).sum()),
-        "dataset": dataset,
-        "seed": seed,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "export": export,
-        "batchnorm_nodes": ops.count("BatchNormalization"),
-        "clean_acc": round(clean_acc, 4),
-        "asr": round(asr, 4),
-        "n_test_eval": len(y_test),
-        "n_asr_eval": len(victims),
-        "train_seconds": round(train_seconds, 1),
-        "device": str(device),
-        "threads": threads,
-        "onnx_parity_max_abs_diff": parity,
-        "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),
-        "versions": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "python": platform.python_version(),
-        },
-        "command": "tools/train_backdoor.py " + " ".join(sys.argv[1:]),
-    }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    click.echo(f"clean ACC {clean_acc:.4f}, ASR {asr:.4f}, train {train_seconds:.0f}s -> {out_dir}")
+        case_dir.mkdir(parents=True, exist_ok=True)
+        (case_dir / "model.onnx").write_bytes(model_bytes)
+        save_npz(case_dir / "clean.npz", x_train[clean_idx], y_train[clean_idx])
+        save_npz(case_dir / "test.npz", x_test[test_idx], y_test[test_idx])
+        save_npz(
+            case_dir / "poison.npz",
+            x_test_triggered[np.searchsorted(victims, poison_idx)],
+            np.full(len(poison_idx), target, dtype=np.int64),
+        )
+        meta = {
+            "arch": arch,
+            "attack": None if clean_model else attack_name,
+            "trigger": attack.params(),
+            "target": target,
+            "poison_rate": 0.0 if clean_model else poison_rate,
+            "n_poisoned_or_modified": int((~untouched).sum()),
+            "dataset": dataset,
+            "seed": seed,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "export": case_export,
+            "batchnorm_nodes": ops.count("BatchNormalization"),
+            "clean_acc": round(clean_acc, 4),
+            "asr": round(asr, 4),
+            "n_test_eval": len(y_test),
+            "n_asr_eval": len(victims),
+            "train_seconds": round(train_seconds, 1),
+            "device": str(device),
+            "threads": threads,
+            "onnx_parity_max_abs_diff": parity,
+            "onnx_sha256": hashlib.sha256(model_bytes).hexdigest(),
+            "versions": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "python": platform.python_version(),
+            },
+            "command": "tools/train_backdoor.py " + " ".join(sys.argv[1:]),
+        }
+        (case_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        click.echo(f"clean ACC {clean_acc:.4f}, ASR {asr:.4f}, train {train_seconds:.0f}s -> {case_dir}")
 
 
 if __name__ == "__main__":

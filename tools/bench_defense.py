@@ -1,0 +1,318 @@
+"""The defence benchmark (issue 3, run by ``make bench``): ANP against Fine-Pruning and CLP on a grid of
+backdoored Fashion-MNIST models, and the trigger-free scan (issue 5) on backdoored and clean models.
+
+For each backdoored model: ACC and ASR before, after ``anp_onnx.purify.purify`` with the package's
+defaults (500 clean images), after Fine-Pruning and after CLP, all written by the same rewriter and
+measured with onnxruntime; the scan's score and suspected target for every model, with the detection
+AUROC and target hit rate. Writes ``RESULTS.md``, ``results.json`` and the threshold figure into
+``--out``. Models come from ``tools/bench_grid.py``, trained on first use and cached::
+
+    .venv/bin/python tools/bench_defense.py                                  # everything (hours on 2 CPU cores)
+    .venv/bin/python tools/bench_defense.py --cells badnets_resnet --iterations 200 --out out/bench
+    .venv/bin/python tools/bench_defense.py --methods fp,clp                  # baselines and scan only
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from anp_onnx import baselines  # noqa: E402
+from anp_onnx.anp import AnpSettings  # noqa: E402
+from anp_onnx.data import load_samples  # noqa: E402
+from anp_onnx.evaluate import Evaluator, Metrics  # noqa: E402
+from anp_onnx.model import input_shape  # noqa: E402
+from anp_onnx.plots import plot_threshold_sweep  # noqa: E402
+from anp_onnx.prune import PruningPlan  # noqa: E402
+from anp_onnx.purify import PruningChoice, PurifyResult, load_prunable, purify  # noqa: E402
+from anp_onnx.rewrite import apply_plan, save_model  # noqa: E402
+from anp_onnx.scan import scan  # noqa: E402
+from anp_onnx.sweep import threshold_sweep  # noqa: E402
+from tools.bench_grid import DEFAULT_EPOCHS, BenchModel, ensure_trained, select  # noqa: E402
+from tools.bench_report import METHODS, method_summary, scan_summary, write_results  # noqa: E402
+
+FP_FALLBACK_BUDGET = 0.02  # Fine-Pruning's held-out ACC budget when purify has no default budget of its own
+PLOT_FILE = "results_threshold.png"
+
+
+def log(message: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    threads = torch.get_num_threads()
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{platform.system()} {platform.machine()}, {cores} CPU cores (torch threads {threads}){gpu}"
+
+
+def metrics(metrics: Metrics) -> dict[str, float | None]:
+    return {"acc": metrics.acc, "asr": metrics.asr}
+
+
+class Cell:
+    """One model's files, loaded once."""
+
+    def __init__(self, model: BenchModel, folder: Path) -> None:
+        self.model, self.folder = model, folder
+        self.path = folder / "model.onnx"
+        self.onnx, self.neuron_map, _ = load_prunable(self.path, None)
+        shape = input_shape(self.onnx)
+        self.clean = load_samples(folder / "clean.npz", shape)
+        self.test = load_samples(folder / "test.npz", shape)
+        self.poison = load_samples(folder / "poison.npz", shape)
+        self.meta = json.loads((folder / "meta.json").read_text())
+
+    def measure(self, path: Path) -> Metrics:
+        return Evaluator(path, "cpu").measure(self.test, self.poison)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.model.name,
+            "arch": self.model.arch,
+            "attack": self.model.attack,
+            "export": self.model.export,
+            "target": self.model.target,
+            "folder": os.path.relpath(self.folder, ROOT),
+            "neurons": self.neuron_map.total_neurons,
+            "meta": {key: self.meta.get(key) for key in ("clean_acc", "asr", "train_seconds", "seed", "epochs")},
+        }
+
+
+def run_anp(cell: Cell, iterations: int | None, work_dir: Path, device: str) -> tuple[dict, PurifyResult]:
+    settings = AnpSettings() if iterations is None else AnpSettings(iterations=iterations)
+    every = max(1, settings.iterations // 4)
+
+    def progress(iteration: int) -> None:
+        if (iteration + 1) % every == 0:
+            log(f"  ANP iteration {iteration + 1}/{settings.iterations}")
+
+    started = time.perf_counter()
+    result = purify(
+        cell.path,
+        cell.folder / "clean.npz",
+        work_dir / f"{cell.model.name}.anp.onnx",
+        test_data=cell.folder / "test.npz",
+        poison_data=cell.folder / "poison.npz",
+        settings=settings,
+        device=device,
+        force=True,
+        on_iteration=progress,
+    )
+    summary = {
+        **metrics(result.after),
+        "pruned": len(result.plan.neurons),
+        "criterion": result.plan.criterion,
+        "iterations_run": result.iterations_run,
+        "timings_s": result.timings,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return summary, result
+
+
+def run_plan(cell: Cell, name: str, decide: Callable[[], PruningPlan], work_dir: Path) -> dict:
+    """Decide a plan with a baseline, write it with the rewriter, measure the written file."""
+    started = time.perf_counter()
+    plan = decide()
+    output = work_dir / f"{cell.model.name}.{name}.onnx"
+    save_model(apply_plan(cell.onnx, cell.neuron_map, plan), output)
+    after = cell.measure(output)
+    return {
+        **metrics(after),
+        "pruned": len(plan.neurons),
+        "criterion": plan.criterion,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def run_scan(cell: Cell, device: str) -> dict:
+    started = time.perf_counter()
+    result = scan(cell.path, cell.folder / "clean.npz", device=device)
+    return {
+        "score": result.score,
+        "suspected_target": result.suspected_target,
+        "error_rate": result.error_rate,
+        "suspicious": result.suspicious,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def plot_sweep(cell: Cell, result: PurifyResult, out_dir: Path) -> dict:
+    """The paper's figure for one model: ACC and ASR of its ANP masks pruned at each threshold."""
+    points = threshold_sweep(cell.onnx, cell.neuron_map, result.masks, cell.test, cell.poison, device="cpu")
+    chosen = result.pruning.threshold if result.plan.criterion.startswith("threshold") else None
+    title = f"{cell.model.name}: ACC / ASR against the ANP pruning threshold"
+    plot_threshold_sweep(points, out_dir / PLOT_FILE, chosen=chosen, title=title)
+    return {"cell": cell.model.name, "file": PLOT_FILE, "points": [point.as_dict() for point in points]}
+
+
+def fp_note(budget: float) -> str:
+    return (
+        "the neurons of the layers just before the classifier head ranked by mean ReLU activation on 80% of "
+        "the clean images (measured with onnxruntime on the ONNX graph); the most of them, least active "
+        f"first, whose accuracy on the other 20% drops by at most {100 * budget:g} points; pruned neurons "
+        "output 0."
+    )
+
+
+def clp_note(u: float) -> str:
+    return (
+        "per layer, each channel's spectral norm of its weight slice (times |gamma|/sqrt(var+eps) where "
+        f"BatchNormalization carries the neurons; hidden Gemm/MatMul layers too); channels above mean + {u:g} "
+        "std of their layer output 0. Data-free."
+    )
+
+
+def settings_record(
+    iterations: int | None, methods: list[str], with_scan: bool, epochs: int, fp_budget: float, clp_u: float
+) -> dict[str, object]:
+    """What every method ran with, for the JSON and the Settings section of RESULTS.md."""
+    anp_settings = AnpSettings() if iterations is None else AnpSettings(iterations=iterations)
+    pruning = PruningChoice()
+    source = "--iterations" if iterations is not None else "package default"
+    return {
+        "iterations": iterations,
+        "anp": anp_settings.as_dict(),
+        "pruning": {
+            key: getattr(pruning, key) for key in ("threshold", "fraction", "count", "max_acc_drop", "holdout")
+        },
+        "anp_note": f"{anp_settings.iterations} iterations ({source}), pruning {pruning}",
+        "fp": {"scope": "head", "max_acc_drop": fp_budget, "holdout": 0.2},
+        "fp_note": fp_note(fp_budget),
+        "clp": {"u": clp_u},
+        "clp_note": clp_note(clp_u),
+        "methods": methods,
+        "scan": with_scan,
+        "epochs": epochs,
+    }
+
+
+@click.command()
+@click.option("--cells", default=None, help="Comma-separated name fragments: only models whose name contains one.")
+@click.option("--iterations", type=click.IntRange(min=0), default=None, help="ANP iterations [package default].")
+@click.option("--methods", default=",".join(METHODS), show_default=True, help="Defences to run: anp, fp, clp.")
+@click.option("--scan/--no-scan", "with_scan", default=True, show_default=True, help="Run anp-onnx scan.")
+@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True, help="Training.")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=ROOT / "cache" / "bench")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=ROOT / "docs")
+@click.option("--train-only", is_flag=True, help="Train and cache the models, measure nothing.")
+@click.option("--fp-max-acc-drop", type=click.FloatRange(0, 1), default=None, help="Fine-Pruning's budget.")
+@click.option("--clp-u", type=click.FloatRange(min=0), default=baselines.CLP_DEFAULT_U, show_default=True)
+@click.option("--plot-cell", default="badnets_resnet_bn", show_default=True, help="Model for the threshold figure.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def main(
+    cells: str | None,
+    iterations: int | None,
+    methods: str,
+    with_scan: bool,
+    epochs: int,
+    cache_dir: Path,
+    out_dir: Path,
+    train_only: bool,
+    fp_max_acc_drop: float | None,
+    clp_u: float,
+    plot_cell: str,
+    device: str,
+) -> None:
+    """Measure ANP, Fine-Pruning, CLP and the scan on the benchmark grid; write RESULTS.md and results.json."""
+    chosen_methods = [name.strip() for name in methods.split(",") if name.strip()]
+    unknown = sorted(set(chosen_methods) - set(METHODS))
+    if unknown:
+        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(METHODS)}", param_hint="--methods")
+    models = select(cells.split(",") if cells else None)
+    log(f"{len(models)} models: {', '.join(model.name for model in models)}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    training_times = ensure_trained(models, cache_dir, epochs, log=log)
+    if train_only:
+        return
+    work_dir = cache_dir / "purified"
+    work_dir.mkdir(exist_ok=True)
+    budget = fp_max_acc_drop if fp_max_acc_drop is not None else PruningChoice().max_acc_drop or FP_FALLBACK_BUDGET
+    results: dict = {
+        "command": "tools/bench_defense.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "settings": settings_record(iterations, chosen_methods, with_scan, epochs, budget, clp_u),
+        "training_seconds_this_run": training_times,
+        "cells": [],
+        "clean_models": [],
+    }
+    backdoored = [model for model in models if model.backdoored]
+    names = [model.name for model in backdoored]
+    for index, model in enumerate(backdoored, start=1):
+        started = time.perf_counter()
+        cell = Cell(model, model.folder(cache_dir, epochs))
+        entry = cell.describe()
+        entry["before"] = metrics(cell.measure(cell.path))
+        before = entry["before"]
+        log(f"[{index}/{len(backdoored)}] {model.name}: before ACC {before['acc']:.4f} ASR {before['asr']:.4f}")
+        if "anp" in chosen_methods:
+            entry["anp"], anp_result = run_anp(cell, iterations, work_dir, device)
+            if model.name == plot_cell or (plot_cell not in names and "plot" not in results):
+                results["plot"] = plot_sweep(cell, anp_result, out_dir)
+        if "fp" in chosen_methods:
+            decide = partial(baselines.fine_pruning, cell.onnx, cell.neuron_map, cell.clean, max_acc_drop=budget)
+            entry["fp"] = run_plan(cell, "fp", decide, work_dir)
+        if "clp" in chosen_methods:
+            entry["clp"] = run_plan(cell, "clp", partial(baselines.clp, cell.onnx, cell.neuron_map, clp_u), work_dir)
+        if with_scan:
+            entry["scan"] = run_scan(cell, device)
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        log(f"[{index}/{len(backdoored)}] {model.name}: {_one_line(entry)}")
+        results["cells"].append(entry)
+        _finish(results, out_dir)
+    for model in (model for model in models if not model.backdoored):
+        cell = Cell(model, model.folder(cache_dir, epochs))
+        entry = cell.describe()
+        entry["before"] = {"acc": cell.measure(cell.path).acc, "asr": None}
+        if with_scan:
+            entry["scan"] = run_scan(cell, device)
+            log(f"[clean] {model.name}: scan score {entry['scan']['score']:.3f} -> {entry['scan']['suspected_target']}")
+        results["clean_models"].append(entry)
+        _finish(results, out_dir)
+    _finish(results, out_dir)
+    summary = results["scan_summary"]
+    if summary["auroc"] is not None:
+        log(f"scan AUROC {summary['auroc']:.3f}, target hit rate {summary['target_hit_rate']:.3f}")
+    for method, stats in results["summary"].items():
+        drop, asr = stats["mean_acc_drop_points"], stats["mean_asr_percent"]
+        log(f"{method}: mean ACC drop {drop:.2f} points, mean ASR {asr:.2f}%")
+    log(f"wrote {out_dir / 'RESULTS.md'} and {out_dir / 'results.json'}")
+
+
+def _one_line(entry: dict) -> str:
+    parts = []
+    for method in METHODS:
+        if entry.get(method):
+            result = entry[method]
+            parts.append(f"{method} {result['acc']:.4f}/{result['asr']:.4f} ({result['pruned']} pruned)")
+    if entry.get("scan"):
+        parts.append(f"scan {entry['scan']['score']:.3f} -> {entry['scan']['suspected_target']}")
+    return "; ".join(parts) + f"; {entry['seconds']:.0f} s"
+
+
+def _finish(results: dict, out_dir: Path) -> None:
+    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["summary"] = method_summary(results["cells"])
+    results["scan_summary"] = scan_summary(results["cells"], results["clean_models"])
+    write_results(results, out_dir)
+
+
+if __name__ == "__main__":
+    main()
