@@ -22,12 +22,15 @@ from anp_onnx.importer import GatedClassifier
 from anp_onnx.prune import MaskValues
 
 NEURON_MODES = ("batchnorm", "bias")
+METHODS = ("trigger", "anp")  # see purify.py: trigger-guided pruning (default) or the paper's mask pruning
 
 
 @dataclass(frozen=True)
 class AnpSettings:
-    """Defaults from the paper and its reference code."""
+    """Defaults from the paper and its reference code. `method` picks what decides the pruning:
+    "anp", the paper's optimised masks, or "trigger" (the default), `guided.py`."""
 
+    method: str = "trigger"
     iterations: int = 2000
     batch_size: int = 128
     eps: float = 0.4

@@ -99,6 +99,17 @@ def device_option(function):
     )(function)
 
 
+def method_option(function):
+    return click.option(
+        "--method",
+        type=click.Choice(["trigger", "anp"]),
+        default="trigger",
+        show_default=True,
+        help="What decides the pruning: trigger (ANP's perturbation names the target, a synthesised trigger "
+        "guides pruning within --max-acc-drop) or anp (the paper's masks, with --threshold/--prune-*).",
+    )(function)
+
+
 def class_output_option(function):
     return click.option(
         "--class-output",
@@ -162,6 +173,7 @@ def class_output_option(function):
     help="Stop once the neurons to prune have not changed for 300 iterations (checked every 100).",
 )
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@method_option
 @class_output_option
 @device_option
 def purify(
@@ -187,20 +199,22 @@ def purify(
     mask_average: bool,
     early_stop: bool,
     force: bool,
+    method: str,
     class_output: str | None,
     device: str,
 ) -> None:
-    """Optimise neuron masks on clean data, prune, and write the purified model."""
+    """Find the backdoor's neurons from clean data, prune them, and write the purified model."""
     from anp_onnx.anp import AnpSettings
-    from anp_onnx.purify import PruningChoice
+    from anp_onnx.purify import PruningChoice, progress_steps
     from anp_onnx.purify import purify as run_purify
-    from anp_onnx.report import before_after_table, purify_report, write_json
+    from anp_onnx.report import before_after_table, percent, purify_report, write_json
 
     if report and not report.parent.is_dir():
         raise AnpError(f"--report {report}: folder {report.parent} does not exist")
     if sum(choice is not None for choice in (threshold, prune_fraction, prune_count, max_acc_drop)) > 1:
         raise AnpError("choose one of --threshold, --prune-fraction, --prune-count and --max-acc-drop")
     settings = AnpSettings(
+        method=method,
         iterations=iterations,
         batch_size=batch_size,
         eps=eps,
@@ -214,7 +228,7 @@ def purify(
     pruning = PruningChoice(
         threshold=threshold, fraction=prune_fraction, count=prune_count, max_acc_drop=max_acc_drop, holdout=holdout
     )
-    with ProgressBar(iterations, "optimising masks") as progress:
+    with ProgressBar(*progress_steps(settings)) as progress:
         result = run_purify(
             model,
             data,
@@ -232,7 +246,14 @@ def purify(
     summary = purify_report(result)
     if report:
         write_json(report, summary)
-    if result.iterations_run < iterations:
+    if result.guided is not None:
+        guided = result.guided
+        click.echo(
+            f"suspected target {guided['suspected_target']} ({100 * guided['target_share']:.0f}% of the perturbation's "
+            f"errors); synthetic trigger ASR {percent(guided['synthetic_asr_before'])} -> "
+            f"{percent(guided['synthetic_asr_after'])}; stopped: {guided['stopped_because']}"
+        )
+    elif result.iterations_run < iterations:
         click.echo(f"stopped early after {result.iterations_run} of {iterations} iterations: the pruning had settled")
     click.echo(f"pruned {summary['pruned_neurons']} of {summary['total_neurons']} neurons ({result.plan.criterion})")
     click.echo(before_after_table(result.before, result.after))
@@ -345,6 +366,7 @@ BATCH_EPILOG = (
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--early-stop/--no-early-stop", default=True, show_default=True)
 @click.option("--force", is_flag=True, help="Redo models that are already done.")
+@method_option
 @class_output_option
 @device_option
 def batch(

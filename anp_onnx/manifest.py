@@ -24,6 +24,7 @@ PATH_KEYS = ("data", "test_data", "poison_data")
 PRUNING_KEYS = ("threshold", "prune_fraction", "prune_count", "prune_max_acc_drop")
 # setting -> (type, lowest, highest); None: unbounded
 SETTING_TYPES: dict[str, tuple[type, float | None, float | None]] = {
+    "method": (str, None, None),
     "iterations": (int, 0, None),
     "batch_size": (int, 1, None),
     "eps": (float, 0, None),

@@ -17,11 +17,13 @@ from anp_onnx.anp import AnpSettings
 from anp_onnx.data import SampleFile, Samples, load_samples, open_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.evaluate import Evaluator, Metrics
+from anp_onnx.guided import GuidedResult, guided_prune
 from anp_onnx.importer import check_equivalence, import_model
 from anp_onnx.model import check_supported, class_output_index, input_shape, load_model
 from anp_onnx.neurons import NeuronMap, build_neuron_map
 from anp_onnx.prune import MaskValues, PruningPlan
 from anp_onnx.rewrite import apply_plan, save_model
+from anp_onnx.trigger import TriggerSettings
 
 CHECK_SAMPLES = 16
 
@@ -32,11 +34,15 @@ class PruningChoice:
     holds out `holdout` of the clean data from the optimisation and prunes the most neurons whose
     accuracy on it drops by at most that much."""
 
-    threshold: float | None = prune.DEFAULT_THRESHOLD
+    threshold: float | None = None  # None: the paper's, prune.DEFAULT_THRESHOLD
     fraction: float | None = None
     count: int | None = None
     max_acc_drop: float | None = None
     holdout: float = 0.2
+
+    def mask_based(self) -> bool:
+        """True when a threshold, fraction or count was asked for: choices that rank ANP's masks."""
+        return any(choice is not None for choice in (self.threshold, self.fraction, self.count))
 
     def settled(self, values: MaskValues) -> frozenset[tuple[str, int]]:
         """The neurons this choice would prune now, for early stopping (the accuracy budget is
@@ -69,6 +75,14 @@ class PurifyResult:
     providers: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     iterations_run: int = 0
+    guided: dict[str, object] | None = None  # with --method trigger: target, trigger, pruning rounds
+
+
+def progress_steps(settings: AnpSettings) -> tuple[int, str]:
+    """How many steps `on_iteration` reports for these settings, and what they are."""
+    if settings.method == "trigger":
+        return TriggerSettings().steps, "synthesising a trigger"
+    return settings.iterations, "optimising masks"
 
 
 def default_output(model_path: Path) -> Path:
@@ -125,6 +139,10 @@ def purify(
     model_path = Path(model_path)
     output = Path(output_path) if output_path else default_output(model_path)
     _check_output(model_path, output, force)
+    if settings.method not in anp.METHODS:
+        raise AnpError(f"unknown method {settings.method!r}: use one of {', '.join(anp.METHODS)}")
+    if settings.method == "trigger" and pruning.mask_based():
+        raise AnpError("--threshold, --prune-fraction and --prune-count rank ANP's masks: use them with --method anp")
     if settings.neuron_mode not in anp.NEURON_MODES:
         raise AnpError(f"unknown neuron mode {settings.neuron_mode!r}: use one of {', '.join(anp.NEURON_MODES)}")
     torch_device = resolve_device(device)
@@ -147,17 +165,28 @@ def purify(
         sample = clean.x[:CHECK_SAMPLES]
         check_equivalence(classifier, sample, before_evaluator.outputs(sample), str(model_path))
 
+    guided: GuidedResult | None = None
+    stop: anp.StopWhenStable | None = None
     with _timed(timings, "optimise"):
         torch.manual_seed(settings.seed)
-        optimise_on, held_out = split_holdout(clean, pruning, settings.seed)
-        x, y = anp.tensors(optimise_on.x, optimise_on.y, torch_device)
-        anp.calibrate(classifier, x, settings)
-        stop = anp.StopWhenStable(pruning.settled) if early_stop else None
-        values = anp.optimise_masks(classifier, x, y, settings, on_iteration, stop)
+        if settings.method == "trigger":
+            x, y = anp.tensors(clean.x, clean.y, torch_device)
+            anp.calibrate(classifier, x, settings)
+            guided = guided_prune(classifier, x, y, settings, pruning.max_acc_drop, on_iteration)
+            values = anp.mask_values(classifier)
+        else:
+            optimise_on, held_out = split_holdout(clean, pruning, settings.seed)
+            x, y = anp.tensors(optimise_on.x, optimise_on.y, torch_device)
+            anp.calibrate(classifier, x, settings)
+            stop = anp.StopWhenStable(pruning.settled) if early_stop else None
+            values = anp.optimise_masks(classifier, x, y, settings, on_iteration, stop)
 
     with _timed(timings, "rewrite"):
-        accuracy_of = _held_out_accuracy(classifier, held_out, torch_device) if held_out else None
-        plan = pruning.plan(values, accuracy_of)
+        if guided is not None:
+            plan = guided.plan
+        else:
+            accuracy_of = _held_out_accuracy(classifier, held_out, torch_device) if held_out else None
+            plan = pruning.plan(values, accuracy_of)
         save_model(apply_plan(model, neuron_map, plan), output)
 
     with _timed(timings, "evaluate"):
@@ -180,6 +209,7 @@ def purify(
         providers=[before_evaluator.provider],
         timings=timings,
         iterations_run=stop.stopped_at if stop and stop.stopped_at else settings.iterations,
+        guided=guided.summary() if guided is not None else None,
     )
 
 

@@ -49,6 +49,7 @@ def purify_report(result: PurifyResult) -> dict[str, object]:
         ],
         "settings": {**result.settings.as_dict(), **asdict(result.pruning)},
         "iterations_run": result.iterations_run,
+        "guided": result.guided,
         "device": result.device,
         "providers": result.providers,
         "timings_s": result.timings,

@@ -6,9 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from anp_onnx import anp
 from anp_onnx.anp import AnpSettings
 from anp_onnx.data import load_samples
@@ -16,6 +13,7 @@ from anp_onnx.errors import AnpError
 from anp_onnx.importer import import_model
 from anp_onnx.model import input_shape
 from anp_onnx.purify import load_prunable, resolve_device
+from anp_onnx.target import perturbation_errors, suspected_target
 
 SUSPICIOUS_SCORE = 0.3  # provisional: set from five bundled models (docs/METHOD.md)
 
@@ -58,21 +56,8 @@ def scan(
     classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index).to(torch_device)
     x, y = anp.tensors(clean.x, clean.y, torch_device)
     anp.calibrate(classifier, x, AnpSettings(seed=seed))
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
-    noises = anp.noise_parameters(classifier)
-    histogram: np.ndarray | None = None
-    errors = 0
-    with anp.optimisation_mode(classifier):
-        for _ in range(rounds):
-            anp.adversarial_noise(classifier, x, y, noises, eps, generator)
-            with torch.no_grad():
-                predicted = classifier(x).argmax(1)
-            wrong = predicted != y
-            counts = torch.bincount(predicted[wrong], minlength=int(predicted.max()) + 1).cpu().numpy()
-            histogram = counts if histogram is None else _add(histogram, counts)
-            errors += int(wrong.sum())
-    target = int(np.argmax(histogram))
-    score = float(histogram[target] / max(1, histogram.sum()))
+    histogram, errors = perturbation_errors(classifier, x, y, eps, rounds, seed)
+    target, score = suspected_target(histogram)
     return ScanResult(
         model=str(model_path),
         score=round(score, 4),
@@ -84,8 +69,3 @@ def scan(
         rounds=rounds,
         device=str(torch_device),
     )
-
-
-def _add(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    size = max(len(left), len(right))
-    return np.pad(left, (0, size - len(left))) + np.pad(right, (0, size - len(right)))

@@ -66,7 +66,7 @@ def round_trip(
     settings: AnpSettings | None = None,
 ) -> RoundTrip:
     """Run issue 4's acceptance check on the model at `path`; returns what it built for further asserts."""
-    settings = settings or AnpSettings(iterations=2, batch_size=8)
+    settings = settings or AnpSettings(method="anp", iterations=2, batch_size=8)
     model = load_model(path)
     check_supported(model, path)
     output_index = class_output_index(model, class_output)

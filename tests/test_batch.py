@@ -24,7 +24,7 @@ from anp_onnx.evaluate import Evaluator
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 GOOD_MODELS = {"badnets": "badnets_resnet_bn", "blend": "blend_vgg_bn", "clean": "clean_resnet_bn"}
-SHORT = ("--iterations", "10", "--batch-size", "16")
+SHORT = ("--method", "anp", "--iterations", "10", "--batch-size", "16")
 
 pytestmark = pytest.mark.skipif(
     not all((EXAMPLES / folder / "model.onnx").is_file() for folder in GOOD_MODELS.values()),
@@ -278,7 +278,7 @@ def test_an_interrupted_batch_leaves_whole_files_only_and_the_rerun_completes_th
     first = {"model": str(models / "clean.onnx")}
     second = {"model": str(models / "badnets.onnx")}
     endless = {**second, "iterations": 100_000, "early_stop": False}  # runs until it is interrupted
-    short = ["--out-dir", str(out_dir), "--iterations", "5", "--batch-size", "16"]
+    short = ["--out-dir", str(out_dir), "--method", "anp", "--iterations", "5", "--batch-size", "16"]
     process = subprocess.Popen(
         [
             sys.executable,

@@ -38,6 +38,8 @@ def test_purify_writes_the_model_and_a_report_that_evaluate_agrees_with(tmp_path
         image_samples,
         "--poison-data",
         poison,
+        "--method",
+        "anp",
         "--iterations",
         5,
         "--batch-size",
@@ -67,7 +69,7 @@ def test_purify_never_modifies_its_inputs(tmp_path, models, image_samples):
     model = tmp_path / "model.onnx"
     model.write_bytes(models["folded"].read_bytes())
     before = digest(model), digest(image_samples)
-    result = invoke("purify", model, "--data", image_samples, "--iterations", 3, "--batch-size", 8)
+    result = invoke("purify", model, "--data", image_samples, "--method", "anp", "--iterations", 3, "--batch-size", 8)
     assert result.exit_code == 0, result.output
     assert (digest(model), digest(image_samples)) == before
 
@@ -75,7 +77,7 @@ def test_purify_never_modifies_its_inputs(tmp_path, models, image_samples):
 def purify_with_report(tmp_path: Path, model: Path, data: Path, *options: object) -> dict:
     """Run `purify` quickly into tmp_path and return its JSON report."""
     report = tmp_path / "r.json"
-    short_run = ("--iterations", 3, "--batch-size", 8)
+    short_run = ("--method", "anp", "--iterations", 3, "--batch-size", 8)
     result = invoke(
         "purify", model, "--data", data, "-o", tmp_path / "o.onnx", *short_run, *options, "--report", report
     )
@@ -150,6 +152,8 @@ def test_the_bundled_backdoored_example_is_backdoored_and_purify_runs_on_it(tmp_
         tmp_path / "out.onnx",
         "--report",
         report,
+        "--method",
+        "anp",
         "--iterations",
         20,
     )

@@ -157,4 +157,6 @@ def test_purify_on_mutated_inputs_ends_cleanly(folder, model_bytes, changes, con
     model.write_bytes(mutate(model_bytes, changes))
     path.write_bytes(content)
     output.unlink(missing_ok=True)
-    assert_clean_ending(run("purify", model, "--data", path, "-o", output, "--iterations", "1", "--batch-size", "4"))
+    assert_clean_ending(
+        run("purify", model, "--data", path, "-o", output, "--method", "anp", "--iterations", "1", "--batch-size", "4")
+    )

@@ -16,7 +16,7 @@ from conftest import matmul_mlp, random_samples
 from anp_onnx.cli import main
 
 FEATURES, CLASSES = 20, 5
-QUICK = ("--iterations", "1", "--batch-size", "4")
+QUICK = ("--method", "anp", "--iterations", "1", "--batch-size", "4")
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,20 @@ def test_empty_data_is_refused(tmp_path, mlp):
 
 def test_fewer_samples_than_one_batch_still_purify(tmp_path, mlp):
     data = random_samples(tmp_path / "three.npz", 3, (FEATURES,), classes=CLASSES)
-    result = run("purify", mlp, "--data", data, "-o", tmp_path / "out.onnx", "--iterations", "2", "--batch-size", "128")
+    result = run(
+        "purify",
+        mlp,
+        "--data",
+        data,
+        "-o",
+        tmp_path / "out.onnx",
+        "--method",
+        "anp",
+        "--iterations",
+        "2",
+        "--batch-size",
+        "128",
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out.onnx").is_file()
 

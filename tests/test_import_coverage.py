@@ -27,7 +27,7 @@ from anp_onnx.neurons import build_neuron_map
 from anp_onnx.prune import PruningPlan
 from anp_onnx.purify import PruningChoice, hard_masks, purify
 
-SHORT = AnpSettings(iterations=3, batch_size=16)
+SHORT = AnpSettings(method="anp", iterations=3, batch_size=16)
 
 
 class WithSoftmax(nn.Module):
@@ -147,7 +147,18 @@ def test_the_class_output_is_chosen_by_position_in_torch(two_heads, image_sample
 def test_purify_and_evaluate_use_the_named_class_output(two_heads, image_samples, tmp_path):
     runner = CliRunner()
     output = tmp_path / "out.onnx"
-    args = ["purify", str(two_heads), "--data", str(image_samples), "-o", str(output), "--iterations", "2"]
+    args = [
+        "purify",
+        str(two_heads),
+        "--data",
+        str(image_samples),
+        "-o",
+        str(output),
+        "--method",
+        "anp",
+        "--iterations",
+        "2",
+    ]
     refused = runner.invoke(main, args)
     assert refused.exit_code == 2 and "labels must lie in 0..2" in refused.output, "the first output has 3 classes"
     purified = runner.invoke(main, [*args, "--class-output", "logits", "--prune-count", "5", "--batch-size", "16"])
@@ -249,7 +260,7 @@ def test_a_static_batch_model_is_optimised_on_larger_batches_and_round_trips(tmp
     model = onnx.load(str(path))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
     assert "Reshape" in [node.op_type for node in model.graph.node]
-    round_trip(path, *few_images, settings=AnpSettings(iterations=2, batch_size=8))
+    round_trip(path, *few_images, settings=AnpSettings(method="anp", iterations=2, batch_size=8))
 
 
 def test_purify_runs_a_static_batch_model_end_to_end(tmp_path, image_samples):

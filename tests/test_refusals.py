@@ -166,7 +166,9 @@ def test_purify_refuses_in_one_line_naming_the_node_and_writes_nothing(refused, 
     path, op_type, node_name = refused
     data = random_samples(tmp_path / "data.npz", 8, SHAPE, classes=3)
     before = sorted(tmp_path.iterdir())
-    result = invoke("purify", path, "--data", data, "--iterations", "1", "--report", tmp_path / "report.json")
+    result = invoke(
+        "purify", path, "--data", data, "--method", "anp", "--iterations", "1", "--report", tmp_path / "report.json"
+    )
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and result.output.startswith("anp-onnx: error:")
     assert f"{node_name} ({op_type})" in result.output

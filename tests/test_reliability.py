@@ -70,6 +70,8 @@ def test_an_interrupt_during_optimisation_writes_nothing(tmp_path, models, image
             str(output),
             "--report",
             str(report),
+            "--method",
+            "anp",
             "--iterations",
             "3000",
             "--batch-size",

@@ -28,7 +28,7 @@ def purified(tmp_path_factory, models, image_samples):
         folder / "out.onnx",
         test_data=image_samples,
         poison_data=poison,
-        settings=AnpSettings(iterations=5, batch_size=16),
+        settings=AnpSettings(method="anp", iterations=5, batch_size=16),
         pruning=PruningChoice(threshold=0.5),
         device="cpu",
     )

@@ -28,7 +28,7 @@ CLASSES = 10
 SIZE = 32
 TORCHSCRIPT_SIZES = {"vgg11_bn": 224}
 SAMPLES = 8
-SETTINGS = AnpSettings(iterations=2, batch_size=4)
+SETTINGS = AnpSettings(method="anp", iterations=2, batch_size=4)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.evaluate import Evaluator, Metrics  # noqa: E402
 from anp_onnx.model import input_shape  # noqa: E402
 from anp_onnx.plots import plot_threshold_sweep  # noqa: E402
-from anp_onnx.prune import PruningPlan  # noqa: E402
+from anp_onnx.prune import DEFAULT_THRESHOLD, PruningPlan  # noqa: E402
 from anp_onnx.purify import PruningChoice, PurifyResult, load_prunable, purify  # noqa: E402
 from anp_onnx.rewrite import apply_plan, save_model  # noqa: E402
 from anp_onnx.scan import scan  # noqa: E402
@@ -155,7 +155,7 @@ def run_scan(cell: Cell, device: str) -> dict:
 def plot_sweep(cell: Cell, result: PurifyResult, out_dir: Path) -> dict:
     """The paper's figure for one model: ACC and ASR of its ANP masks pruned at each threshold."""
     points = threshold_sweep(cell.onnx, cell.neuron_map, result.masks, cell.test, cell.poison, device="cpu")
-    chosen = result.pruning.threshold if result.plan.criterion.startswith("threshold") else None
+    chosen = result.pruning.threshold or DEFAULT_THRESHOLD if result.plan.criterion.startswith("threshold") else None
     title = f"{cell.model.name}: ACC / ASR against the ANP pruning threshold"
     plot_threshold_sweep(points, out_dir / PLOT_FILE, chosen=chosen, title=title)
     return {"cell": cell.model.name, "file": PLOT_FILE, "points": [point.as_dict() for point in points]}

@@ -1,0 +1,162 @@
+"""Prune, one neuron at a time, what a synthetic trigger relies on, within a clean-accuracy budget.
+
+Each round ranks the unpruned neurons by how much the synthetic trigger raises their activation
+(z-score within their layer), tries the top `candidates` one by one with the others' current state,
+and prunes the one that leaves the lowest `synthetic ASR + clean accuracy drop`. It stops when the
+synthetic ASR is at most `max_asr`, when the best candidate would cost more than `max_acc_drop` of
+clean accuracy (that candidate is not pruned), or after `max_rounds`. Only clean data decides: the
+synthetic ASR is measured on clean inputs stamped with the synthetic trigger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from anp_onnx.importer import GatedClassifier
+from anp_onnx.prune import PrunedNeuron, PruningPlan
+from anp_onnx.trigger import Trigger, hit_rate
+
+
+@dataclass(frozen=True)
+class TriggerPruningSettings:
+    candidates: int = 24
+    max_asr: float = 0.05
+    max_acc_drop: float = 0.03
+    max_rounds: int = 40
+
+
+@dataclass(frozen=True)
+class PruningRound:
+    layer: str
+    channel: int
+    clean_accuracy: float
+    synthetic_asr: float
+
+
+@dataclass
+class TriggerPruningResult:
+    plan: PruningPlan
+    clean_accuracy_before: float
+    synthetic_asr_before: float
+    rounds: list[PruningRound] = field(default_factory=list)
+    stopped_because: str = ""
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "clean_accuracy_before": round(self.clean_accuracy_before, 4),
+            "synthetic_asr_before": round(self.synthetic_asr_before, 4),
+            "synthetic_asr_after": self.rounds[-1].synthetic_asr if self.rounds else round(self.synthetic_asr_before, 4),
+            "rounds": [asdict(step) for step in self.rounds],
+            "stopped_because": self.stopped_because,
+        }
+
+
+def prune_against_trigger(
+    classifier: GatedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    trigger: Trigger,
+    settings: TriggerPruningSettings | None = None,
+    on_round: Callable[[PruningRound], None] | None = None,
+) -> TriggerPruningResult:
+    """Greedy pruning on clean data `x, y` against `trigger`; the classifier's masks end hard (0/1)."""
+    settings = settings or TriggerPruningSettings()
+    others = x[y != trigger.target]
+    stamped = trigger.stamp(others)
+    target = torch.full((len(stamped),), trigger.target, device=x.device)
+    pairs = list(zip(classifier.neuron_map.layers, classifier.gates, strict=True))
+    _reset(classifier)
+    classifier.eval()
+
+    def measure() -> tuple[float, float]:
+        return hit_rate(classifier, x, y), hit_rate(classifier, stamped, target)
+
+    baseline, synthetic = measure()
+    result = TriggerPruningResult(PruningPlan("trigger", ()), baseline, synthetic)
+    pruned: list[PrunedNeuron] = []
+    while True:
+        if synthetic <= settings.max_asr:
+            result.stopped_because = f"synthetic ASR {synthetic:.3f} <= {settings.max_asr:g}"
+            break
+        if len(pruned) >= settings.max_rounds:
+            result.stopped_because = f"{settings.max_rounds} rounds"
+            break
+        best: tuple[float, int, int, float, float] | None = None
+        for layer_index, channel in _ranked_by_rise(classifier, others, stamped)[: settings.candidates]:
+            gate = pairs[layer_index][1]
+            with torch.no_grad():
+                gate.mask[channel] = 0.0
+            accuracy, asr = measure()
+            with torch.no_grad():
+                gate.mask[channel] = 1.0
+            score = asr + max(0.0, baseline - accuracy)
+            if best is None or score < best[0]:
+                best = (score, layer_index, channel, accuracy, asr)
+        if best is None:
+            result.stopped_because = "no neuron left to prune"
+            break
+        _, layer_index, channel, accuracy, synthetic_after = best
+        if baseline - accuracy > settings.max_acc_drop:
+            result.stopped_because = f"next neuron would cost {baseline - accuracy:.3f} of clean accuracy"
+            break
+        layer, gate = pairs[layer_index]
+        with torch.no_grad():
+            gate.mask[channel] = 0.0
+        pruned.append(PrunedNeuron(layer.name, channel, 0.0, float(gate.pruned_value[channel])))
+        synthetic = synthetic_after
+        step = PruningRound(layer.name, channel, round(accuracy, 4), round(synthetic_after, 4))
+        result.rounds.append(step)
+        if on_round is not None:
+            on_round(step)
+    result.plan = PruningPlan(
+        f"trigger: synthetic ASR <= {settings.max_asr:g}, clean ACC drop <= {settings.max_acc_drop:g}", tuple(pruned)
+    )
+    return result
+
+
+def _reset(classifier: GatedClassifier) -> None:
+    with torch.no_grad():
+        for gate in classifier.gates:
+            gate.mask.fill_(1.0)
+            gate.perturbed = False
+            gate.optimising = False
+
+
+def _ranked_by_rise(classifier: GatedClassifier, clean: torch.Tensor, stamped: torch.Tensor) -> list[tuple[int, int]]:
+    """Unpruned neurons, largest activation rise under the trigger first (z-score within the layer)."""
+    clean_means = _mean_activations(classifier, clean)
+    stamped_means = _mean_activations(classifier, stamped)
+    scored: list[tuple[float, int, int]] = []
+    for index, (gate, before, after) in enumerate(zip(classifier.gates, clean_means, stamped_means, strict=True)):
+        rise = after - before
+        z = (rise - rise.mean()) / (rise.std() + 1e-8) if len(rise) > 1 else rise
+        scored += [(float(z[channel]), index, channel) for channel in range(len(rise)) if gate.mask[channel] != 0]
+    scored.sort(key=lambda item: -item[0])
+    return [(index, channel) for _, index, channel in scored]
+
+
+def _mean_activations(classifier: GatedClassifier, inputs: torch.Tensor, batch_size: int = 512) -> list[torch.Tensor]:
+    """Each gated layer's mean rectified activation per channel (what the gate receives)."""
+    totals: list[torch.Tensor | None] = [None] * len(classifier.gates)
+
+    def recorder(index: int):
+        def hook(gate: torch.nn.Module, args: tuple[torch.Tensor]) -> None:
+            activation = args[0].relu()
+            axes = [axis for axis in range(activation.ndim) if axis != gate.channel_axis % activation.ndim]
+            total = activation.sum(dim=axes)
+            totals[index] = total if totals[index] is None else totals[index] + total
+
+        return hook
+
+    hooks = [gate.register_forward_pre_hook(recorder(index)) for index, gate in enumerate(classifier.gates)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(inputs), batch_size):
+                classifier(inputs[start : start + batch_size])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [total / len(inputs) for total in totals]  # per-sample sums: the scale is the same for both sets

@@ -1,0 +1,105 @@
+"""Trigger-guided pruning (purify's default method) on the bundled backdoored examples, which
+tools/make_examples.py trains: the perturbation names the target, the trigger synthesised for it
+reaches the target with a small mask, and pruning against it removes the real backdoor."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from anp_onnx import anp
+from anp_onnx.anp import AnpSettings
+from anp_onnx.cli import main
+from anp_onnx.data import load_samples
+from anp_onnx.importer import import_model
+from anp_onnx.model import input_shape
+from anp_onnx.purify import load_prunable, purify
+from anp_onnx.target import perturbation_errors, suspected_target
+from anp_onnx.trigger import TriggerSettings, hit_rate, synthesise_trigger
+from anp_onnx.trigger_pruning import TriggerPruningSettings, prune_against_trigger
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BACKDOORED = EXAMPLES / "badnets_resnet_bn"  # BadNets patch, target 0
+CLEAN = EXAMPLES / "clean_resnet_bn"  # the same recipe without poisoning
+QUICK_TRIGGER = TriggerSettings(steps=150)
+
+
+def calibrated(example: Path):
+    model, neuron_map, output_index = load_prunable(example / "model.onnx", None)
+    clean = load_samples(example / "clean.npz", input_shape(model))
+    classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index)
+    x, y = anp.tensors(clean.x, clean.y, torch.device("cpu"))
+    anp.calibrate(classifier, x, AnpSettings())
+    return classifier, x, y
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    return calibrated(BACKDOORED)
+
+
+def test_the_perturbations_errors_name_the_attackers_target(backdoored):
+    histogram, errors = perturbation_errors(*backdoored, eps=0.4, rounds=2, seed=0)
+    target, share = suspected_target(histogram)
+    assert target == json.loads((BACKDOORED / "meta.json").read_text())["target"] == 0
+    assert share > 0.8 and errors == histogram.sum()
+
+
+def test_the_backdoor_target_is_reached_with_a_smaller_trigger_than_another_label(backdoored):
+    to_target = synthesise_trigger(*backdoored, target=0, settings=QUICK_TRIGGER)
+    to_other = synthesise_trigger(*backdoored, target=4, settings=QUICK_TRIGGER)
+    assert to_target.success > 0.95
+    assert to_target.size < 0.5 * to_other.size
+
+
+def test_pruning_against_the_trigger_keeps_each_round_within_the_clean_accuracy_budget(backdoored):
+    classifier, x, y = backdoored
+    trigger = synthesise_trigger(classifier, x, y, target=0, settings=QUICK_TRIGGER)
+    settings = TriggerPruningSettings(max_acc_drop=0.01, candidates=8)
+    result = prune_against_trigger(classifier, x, y, trigger, settings)
+    assert result.synthetic_asr_before > 0.95
+    assert all(step.clean_accuracy >= result.clean_accuracy_before - 0.01 for step in result.rounds)
+    assert "clean accuracy" in result.stopped_because or "synthetic ASR" in result.stopped_because
+    pruned = {(neuron.layer, neuron.channel) for neuron in result.plan.neurons}
+    masks_off = {
+        (layer.name, channel)
+        for layer, gate in zip(classifier.neuron_map.layers, classifier.gates, strict=True)
+        for channel in torch.nonzero(gate.mask == 0).flatten().tolist()
+    }
+    assert pruned == masks_off and len(pruned) == len(result.rounds)
+    assert hit_rate(classifier, trigger.stamp(x[y != 0]), torch.zeros(int((y != 0).sum()))) == pytest.approx(
+        result.rounds[-1].synthetic_asr if result.rounds else result.synthetic_asr_before, abs=1e-4
+    )
+
+
+def test_purify_by_default_removes_the_bundled_backdoor_within_three_points_of_accuracy(tmp_path):
+    result = purify(
+        BACKDOORED / "model.onnx",
+        BACKDOORED / "clean.npz",
+        tmp_path / "out.onnx",
+        test_data=BACKDOORED / "test.npz",
+        poison_data=BACKDOORED / "poison.npz",
+    )
+    assert result.settings.method == "trigger" and result.guided["suspected_target"] == 0
+    assert result.before.asr > 0.99 and result.after.asr <= 0.10
+    assert result.before.acc - result.after.acc <= 0.03
+    assert 0 < len(result.plan.neurons) <= 10
+
+
+def test_purify_by_default_leaves_a_clean_model_almost_as_it_was(tmp_path):
+    result = purify(CLEAN / "model.onnx", CLEAN / "clean.npz", tmp_path / "out.onnx", test_data=CLEAN / "test.npz")
+    assert len(result.plan.neurons) <= 3
+    assert result.before.acc - result.after.acc <= 0.01
+
+
+def test_mask_rankings_are_refused_with_the_trigger_method(tmp_path):
+    model, data = BACKDOORED / "model.onnx", BACKDOORED / "clean.npz"
+    for option in (["--threshold", "0.3"], ["--prune-count", "3"], ["--prune-fraction", "0.1"]):
+        result = CliRunner().invoke(
+            main, ["purify", str(model), "--data", str(data), "-o", str(tmp_path / "o.onnx"), *option]
+        )
+        assert result.exit_code == 2 and result.output.count("\n") == 1
+        assert "use them with --method anp" in result.output
+    assert not (tmp_path / "o.onnx").exists()
