@@ -60,4 +60,3 @@ def guided_prune(
     budget = DEFAULT_MAX_ACC_DROP if max_acc_drop is None else max_acc_drop
     pruning = prune_against_trigger(classifier, x, y, trigger, TriggerPruningSettings(max_acc_drop=budget))
     return GuidedResult(target, share, trigger, pruning)
-

@@ -44,11 +44,15 @@ class TriggerPruningResult:
     rounds: list[PruningRound] = field(default_factory=list)
     stopped_because: str = ""
 
+    @property
+    def synthetic_asr_after(self) -> float:
+        return self.rounds[-1].synthetic_asr if self.rounds else round(self.synthetic_asr_before, 4)
+
     def summary(self) -> dict[str, object]:
         return {
             "clean_accuracy_before": round(self.clean_accuracy_before, 4),
             "synthetic_asr_before": round(self.synthetic_asr_before, 4),
-            "synthetic_asr_after": self.rounds[-1].synthetic_asr if self.rounds else round(self.synthetic_asr_before, 4),
+            "synthetic_asr_after": self.synthetic_asr_after,
             "rounds": [asdict(step) for step in self.rounds],
             "stopped_because": self.stopped_because,
         }
