@@ -91,6 +91,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     for name in ("badnets_mlp", "clean_mlp"):
         train_cached_model(MODELS[name], cache_dir)
     arguments = ["--cells", "badnets_mlp,clean_mlp", "--iterations", "20", "--epochs", str(EPOCHS)]
+    arguments += ["--methods", "guided,anp,fp,clp"]
     arguments += ["--cache-dir", str(cache_dir), "--out", str(out_dir), "--device", "cpu"]
     outcome = CliRunner().invoke(main, arguments, catch_exceptions=False)
     assert outcome.exit_code == 0, outcome.output
@@ -106,12 +107,14 @@ def test_bench_measures_every_defence_on_the_backdoored_model(bench_run: tuple[P
     model = load_model(folder / "model.onnx")
     test = load_samples(folder / "test.npz", input_shape(model))
     poison = load_samples(folder / "poison.npz", input_shape(model))
-    for method in ("anp", "fp", "clp"):
+    files = {"guided": "trigger", "anp": "anp", "fp": "fp", "clp": "clp"}
+    for method, file in files.items():
         assert cell[method]["seconds"] > 0
-        written = Evaluator(cache_dir / "purified" / f"badnets_mlp.{method}.onnx", "cpu").measure(test, poison)
+        written = Evaluator(cache_dir / "purified" / f"badnets_mlp.{file}.onnx", "cpu").measure(test, poison)
         assert (written.acc, written.asr) == (cell[method]["acc"], cell[method]["asr"])
     assert cell["anp"]["iterations_run"] <= 20
-    assert cell["seconds"] >= sum(cell[method]["seconds"] for method in ("anp", "fp", "clp"))
+    assert cell["guided"]["guided"]["suspected_target"] == cell["scan"]["suspected_target"]
+    assert cell["seconds"] >= sum(cell[method]["seconds"] for method in files)
 
 
 def test_bench_scores_both_models_and_derives_auroc_and_hit_rate(bench_run: tuple[Path, Path, dict]) -> None:
@@ -206,7 +209,7 @@ def test_the_comparison_says_plainly_when_anp_does_not_beat_a_baseline() -> None
     def stats(drop: float, asr: float) -> dict[str, float]:
         return {"mean_acc_drop_points": drop, "mean_asr_percent": asr}
 
-    lines = comparison_lines({"anp": stats(1.0, 2.0), "fp": stats(2.0, 10.0), "clp": stats(0.5, 50.0)})
-    assert lines[0].startswith("- ANP beats Fine-Pruning")
-    assert lines[1].startswith("- ANP does **not** beat CLP")  # lower ASR, but at a larger ACC drop
+    lines = comparison_lines({"guided": stats(1.0, 2.0), "fp": stats(2.0, 10.0), "clp": stats(0.5, 50.0)})
+    assert lines[0].startswith("- anp-onnx beats Fine-Pruning")
+    assert lines[1].startswith("- anp-onnx does **not** beat CLP")  # lower ASR, but at a larger ACC drop
     assert comparison_lines({"fp": stats(2.0, 10.0)}) == []

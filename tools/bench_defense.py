@@ -36,15 +36,18 @@ from anp_onnx import baselines  # noqa: E402
 from anp_onnx.anp import AnpSettings  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.evaluate import Evaluator, Metrics  # noqa: E402
+from anp_onnx.guided import DEFAULT_MAX_ACC_DROP, TARGET_ROUNDS  # noqa: E402
 from anp_onnx.model import input_shape  # noqa: E402
 from anp_onnx.plots import plot_threshold_sweep  # noqa: E402
 from anp_onnx.prune import DEFAULT_THRESHOLD, PruningPlan  # noqa: E402
-from anp_onnx.purify import PruningChoice, PurifyResult, load_prunable, purify  # noqa: E402
+from anp_onnx.purify import PruningChoice, PurifyResult, load_prunable, progress_steps, purify  # noqa: E402
 from anp_onnx.rewrite import apply_plan, save_model  # noqa: E402
 from anp_onnx.scan import scan  # noqa: E402
 from anp_onnx.sweep import threshold_sweep  # noqa: E402
+from anp_onnx.trigger import TriggerSettings  # noqa: E402
+from anp_onnx.trigger_pruning import TriggerPruningSettings  # noqa: E402
 from tools.bench_grid import DEFAULT_EPOCHS, BenchModel, ensure_trained, select  # noqa: E402
-from tools.bench_report import METHODS, method_summary, scan_summary, write_results  # noqa: E402
+from tools.bench_report import DEFAULT_METHODS, METHODS, method_summary, scan_summary, write_results  # noqa: E402
 
 FP_FALLBACK_BUDGET = 0.02  # Fine-Pruning's held-out ACC budget when purify has no default budget of its own
 PLOT_FILE = "results_threshold.png"
@@ -94,19 +97,23 @@ class Cell:
         }
 
 
-def run_anp(cell: Cell, iterations: int | None, work_dir: Path, device: str) -> tuple[dict, PurifyResult]:
-    settings = AnpSettings() if iterations is None else AnpSettings(iterations=iterations)
-    every = max(1, settings.iterations // 4)
+def run_purify(
+    cell: Cell, method: str, iterations: int | None, work_dir: Path, device: str
+) -> tuple[dict, PurifyResult]:
+    """`purify` with the package defaults and `method` ("trigger" is the default, "anp" the paper's masks)."""
+    settings = AnpSettings(method=method) if iterations is None else AnpSettings(method=method, iterations=iterations)
+    steps, what = progress_steps(settings)
+    every = max(1, steps // 4)
 
     def progress(iteration: int) -> None:
         if (iteration + 1) % every == 0:
-            log(f"  ANP iteration {iteration + 1}/{settings.iterations}")
+            log(f"  {method}: {what} {iteration + 1}/{steps}")
 
     started = time.perf_counter()
     result = purify(
         cell.path,
         cell.folder / "clean.npz",
-        work_dir / f"{cell.model.name}.anp.onnx",
+        work_dir / f"{cell.model.name}.{method}.onnx",
         test_data=cell.folder / "test.npz",
         poison_data=cell.folder / "poison.npz",
         settings=settings,
@@ -119,6 +126,7 @@ def run_anp(cell: Cell, iterations: int | None, work_dir: Path, device: str) -> 
         "pruned": len(result.plan.neurons),
         "criterion": result.plan.criterion,
         "iterations_run": result.iterations_run,
+        "guided": result.guided,
         "timings_s": result.timings,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -155,10 +163,14 @@ def run_scan(cell: Cell, device: str) -> dict:
 def plot_sweep(cell: Cell, result: PurifyResult, out_dir: Path) -> dict:
     """The paper's figure for one model: ACC and ASR of its ANP masks pruned at each threshold."""
     points = threshold_sweep(cell.onnx, cell.neuron_map, result.masks, cell.test, cell.poison, device="cpu")
-    chosen = result.pruning.threshold or DEFAULT_THRESHOLD if result.plan.criterion.startswith("threshold") else None
     title = f"{cell.model.name}: ACC / ASR against the ANP pruning threshold"
-    plot_threshold_sweep(points, out_dir / PLOT_FILE, chosen=chosen, title=title)
-    return {"cell": cell.model.name, "file": PLOT_FILE, "points": [point.as_dict() for point in points]}
+    plot_threshold_sweep(points, out_dir / PLOT_FILE, chosen=DEFAULT_THRESHOLD, title=title)
+    return {
+        "cell": cell.model.name,
+        "file": PLOT_FILE,
+        "iterations": result.iterations_run,
+        "points": [point.as_dict() for point in points],
+    }
 
 
 def fp_note(budget: float) -> str:
@@ -182,11 +194,18 @@ def settings_record(
     iterations: int | None, methods: list[str], with_scan: bool, epochs: int, fp_budget: float, clp_u: float
 ) -> dict[str, object]:
     """What every method ran with, for the JSON and the Settings section of RESULTS.md."""
-    anp_settings = AnpSettings() if iterations is None else AnpSettings(iterations=iterations)
+    anp_settings = AnpSettings(method="anp") if iterations is None else AnpSettings(method="anp", iterations=iterations)
     pruning = PruningChoice()
     source = "--iterations" if iterations is not None else "package default"
     return {
         "iterations": iterations,
+        "guided": AnpSettings().as_dict(),
+        "guided_note": (
+            f"method {AnpSettings().method}: the target named by {TARGET_ROUNDS} adversarial neuron perturbations "
+            f"(eps {AnpSettings().eps:g}), a trigger synthesised for it in {TriggerSettings().steps} steps, greedy "
+            f"pruning until its ASR is <= {TriggerPruningSettings().max_asr:g} or the next neuron would cost more "
+            f"than {DEFAULT_MAX_ACC_DROP:g} of clean accuracy"
+        ),
         "anp": anp_settings.as_dict(),
         "pruning": {
             key: getattr(pruning, key) for key in ("threshold", "fraction", "count", "max_acc_drop", "holdout")
@@ -205,7 +224,12 @@ def settings_record(
 @click.command()
 @click.option("--cells", default=None, help="Comma-separated name fragments: only models whose name contains one.")
 @click.option("--iterations", type=click.IntRange(min=0), default=None, help="ANP iterations [package default].")
-@click.option("--methods", default=",".join(METHODS), show_default=True, help="Defences to run: anp, fp, clp.")
+@click.option(
+    "--methods",
+    default=",".join(DEFAULT_METHODS),
+    show_default=True,
+    help="Defences to run: guided (purify's default), anp (the paper's masks), fp, clp.",
+)
 @click.option("--scan/--no-scan", "with_scan", default=True, show_default=True, help="Run anp-onnx scan.")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True, help="Training.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=ROOT / "cache" / "bench")
@@ -214,6 +238,13 @@ def settings_record(
 @click.option("--fp-max-acc-drop", type=click.FloatRange(0, 1), default=None, help="Fine-Pruning's budget.")
 @click.option("--clp-u", type=click.FloatRange(min=0), default=baselines.CLP_DEFAULT_U, show_default=True)
 @click.option("--plot-cell", default="badnets_resnet_bn", show_default=True, help="Model for the threshold figure.")
+@click.option(
+    "--plot-iterations",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="ANP iterations for the threshold figure when --methods has no anp.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def main(
     cells: str | None,
@@ -227,6 +258,7 @@ def main(
     fp_max_acc_drop: float | None,
     clp_u: float,
     plot_cell: str,
+    plot_iterations: int,
     device: str,
 ) -> None:
     """Measure ANP, Fine-Pruning, CLP and the scan on the benchmark grid; write RESULTS.md and results.json."""
@@ -262,10 +294,15 @@ def main(
         entry["before"] = metrics(cell.measure(cell.path))
         before = entry["before"]
         log(f"[{index}/{len(backdoored)}] {model.name}: before ACC {before['acc']:.4f} ASR {before['asr']:.4f}")
+        if "guided" in chosen_methods:
+            entry["guided"], _ = run_purify(cell, "trigger", iterations, work_dir, device)
+        anp_result = None
         if "anp" in chosen_methods:
-            entry["anp"], anp_result = run_anp(cell, iterations, work_dir, device)
-            if model.name == plot_cell or (plot_cell not in names and "plot" not in results):
-                results["plot"] = plot_sweep(cell, anp_result, out_dir)
+            entry["anp"], anp_result = run_purify(cell, "anp", iterations, work_dir, device)
+        if model.name == plot_cell or (plot_cell not in names and "plot" not in results):
+            if anp_result is None:
+                _, anp_result = run_purify(cell, "anp", plot_iterations, work_dir, device)
+            results["plot"] = plot_sweep(cell, anp_result, out_dir)
         if "fp" in chosen_methods:
             decide = partial(baselines.fine_pruning, cell.onnx, cell.neuron_map, cell.clean, max_acc_drop=budget)
             entry["fp"] = run_plan(cell, "fp", decide, work_dir)
