@@ -23,13 +23,14 @@ from anp_onnx.trigger_pruning import TriggerPruningResult, TriggerPruningSetting
 
 TARGET_ROUNDS = 4  # adversarial neuron perturbations whose errors name the target (as `anp-onnx scan`)
 DEFAULT_MAX_ACC_DROP = 0.03  # clean-accuracy budget of the pruning, on the clean data given
+TRIGGER_KINDS = ("patch",)  # adding "blend" made Blend cells worse (docs/METHOD.md)
 
 
 @dataclass
 class GuidedResult:
     target: int
     target_share: float  # share of the perturbation's errors on the target
-    trigger: Trigger
+    triggers: list[Trigger]
     pruning: TriggerPruningResult
 
     @property
@@ -40,7 +41,7 @@ class GuidedResult:
         return {
             "suspected_target": self.target,
             "target_share": round(self.target_share, 4),
-            "trigger": self.trigger.summary(),
+            "triggers": [trigger.summary() for trigger in self.triggers],
             **self.pruning.summary(),
         }
 
@@ -56,7 +57,13 @@ def guided_prune(
     """The three stages on calibrated `classifier` (`anp.calibrate`) and clean `x, y`; its masks end hard."""
     histogram, _ = perturbation_errors(classifier, x, y, settings.eps, TARGET_ROUNDS, settings.seed)
     target, share = suspected_target(histogram)
-    trigger = synthesise_trigger(classifier, x, y, target, TriggerSettings(seed=settings.seed), on_step)
+    triggers = []
+    for number, kind in enumerate(TRIGGER_KINDS):
+        steps = TriggerSettings().steps
+        progress = (lambda step, offset=number * steps: on_step(offset + step)) if on_step else None
+        triggers.append(
+            synthesise_trigger(classifier, x, y, target, TriggerSettings(kind, seed=settings.seed), progress)
+        )
     budget = DEFAULT_MAX_ACC_DROP if max_acc_drop is None else max_acc_drop
-    pruning = prune_against_trigger(classifier, x, y, trigger, TriggerPruningSettings(max_acc_drop=budget))
-    return GuidedResult(target, share, trigger, pruning)
+    pruning = prune_against_trigger(classifier, x, y, triggers, TriggerPruningSettings(max_acc_drop=budget))
+    return GuidedResult(target, share, triggers, pruning)

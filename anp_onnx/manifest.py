@@ -43,6 +43,8 @@ SETTING_TYPES: dict[str, tuple[type, float | None, float | None]] = {
     "class_output": (str, None, None),
 }
 ENTRY_KEYS = ("model", "name", "output")
+# the PNGs of --report-dir per method: the synthetic trigger and the pruning rounds, or ANP's masks and sweep
+FIGURE_KINDS = {"trigger": ("trigger", "rounds"), "anp": ("masks", "sweep")}
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class BatchJob:
     def plot_paths(self) -> dict[str, Path]:
         if self.plots_dir is None:
             return {}
-        return {kind: self.plots_dir / f"{self.name}.{kind}.png" for kind in ("masks", "sweep")}
+        kinds = FIGURE_KINDS[self.options.settings.method]
+        return {kind: self.plots_dir / f"{self.name}.{kind}.png" for kind in kinds}
 
 
 def plan_jobs(

@@ -67,6 +67,72 @@ def plot_threshold_sweep(
     _save(figure, path)
 
 
+def plot_trigger(mask: np.ndarray, pattern: np.ndarray, example: np.ndarray, path: Path, title: str = "") -> None:
+    """The synthesised trigger as a person sees it: its mask, its pattern, and a clean image stamped
+    with it. Arrays as the model takes one input (CHW, HWC or flat); flat inputs are shown as a row."""
+    stamped = (1 - mask) * example + mask * pattern
+    figure = Figure(figsize=(9.6, 3.6), dpi=DPI)
+    for position, (name, image) in enumerate(
+        (("mask", np.broadcast_to(mask, example.shape)), ("pattern", pattern), ("clean image, stamped", stamped)),
+        start=1,
+    ):
+        axes = figure.add_subplot(1, 3, position)
+        shown = _as_image(np.asarray(image, dtype=np.float64))
+        axes.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=max(1.0, float(shown.max())))
+        axes.set_title(name, fontsize=9)
+        axes.set_xticks([])
+        axes.set_yticks([])
+    if title:
+        figure.suptitle(title, fontsize=10)
+    _save(figure, path)
+
+
+def _as_image(values: np.ndarray) -> np.ndarray:
+    """HxW (one channel) or HxWx3 for imshow, from CHW, HWC or a flat vector."""
+    if values.ndim == 1:
+        return values[None, :]
+    if values.ndim == 3 and values.shape[0] in (1, 3) and values.shape[2] not in (1, 3):
+        values = values.transpose(1, 2, 0)
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[:, :, 0]
+    return np.clip(values, 0, None)
+
+
+def plot_pruning_rounds(
+    points: Sequence[SweepPoint],
+    decided: Sequence[tuple[float, float]],
+    path: Path,
+    title: str = "",
+    acc_label: str = "ACC",
+) -> None:
+    """Trigger-guided pruning round by round: the measured ACC / ASR of each prefix of the plan
+    (solid), and the clean-data figures that decided it (dashed, `decided[k]` after k neurons: ACC
+    on --data, synthetic trigger ASR)."""
+    figure = Figure(figsize=FIGURE_SIZE, dpi=DPI)
+    axes = figure.add_subplot()
+    counts = [point.pruned for point in points]
+    for name, values, style in (
+        (acc_label, [point.acc for point in points], {"color": "#4c72b0", "marker": "o"}),
+        ("ASR", [point.asr for point in points], {"color": "#c44e52", "marker": "s"}),
+    ):
+        if all(value is not None for value in values):
+            axes.plot(counts, [100 * value for value in values], label=name, **style)
+    steps = list(range(len(decided)))
+    decided_acc = [100 * acc for acc, _ in decided]
+    axes.plot(steps, decided_acc, color="#4c72b0", linestyle="--", label="ACC on --data (decides)")
+    decided_asr = [100 * asr for _, asr in decided]
+    axes.plot(steps, decided_asr, color="#dd8452", linestyle="--", marker="^", label="synthetic trigger ASR (decides)")
+    axes.set_xticks(counts)
+    axes.set_ylim(-2, 102)
+    axes.set_xlabel("neurons pruned, in the order chosen")
+    axes.set_ylabel("percent")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    _save(figure, path)
+
+
 def _save(figure: Figure, path: Path) -> None:
     FigureCanvasAgg(figure)
     figure.tight_layout()

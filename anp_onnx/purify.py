@@ -17,13 +17,13 @@ from anp_onnx.anp import AnpSettings
 from anp_onnx.data import SampleFile, Samples, load_samples, open_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.evaluate import Evaluator, Metrics
-from anp_onnx.guided import GuidedResult, guided_prune
+from anp_onnx.guided import TRIGGER_KINDS, GuidedResult, guided_prune
 from anp_onnx.importer import check_equivalence, import_model
 from anp_onnx.model import check_supported, class_output_index, input_shape, load_model
 from anp_onnx.neurons import NeuronMap, build_neuron_map
 from anp_onnx.prune import MaskValues, PruningPlan
 from anp_onnx.rewrite import apply_plan, save_model
-from anp_onnx.trigger import TriggerSettings
+from anp_onnx.trigger import TriggerSettings, as_numpy
 
 CHECK_SAMPLES = 16
 
@@ -76,12 +76,13 @@ class PurifyResult:
     timings: dict[str, float] = field(default_factory=dict)
     iterations_run: int = 0
     guided: dict[str, object] | None = None  # with --method trigger: target, trigger, pruning rounds
+    triggers: list[dict[str, np.ndarray]] = field(default_factory=list)  # their mask and pattern arrays
 
 
 def progress_steps(settings: AnpSettings) -> tuple[int, str]:
     """How many steps `on_iteration` reports for these settings, and what they are."""
     if settings.method == "trigger":
-        return TriggerSettings().steps, "synthesising a trigger"
+        return len(TRIGGER_KINDS) * TriggerSettings().steps, "synthesising triggers"
     return settings.iterations, "optimising masks"
 
 
@@ -210,6 +211,7 @@ def purify(
         timings=timings,
         iterations_run=stop.stopped_at if stop and stop.stopped_at else settings.iterations,
         guided=guided.summary() if guided is not None else None,
+        triggers=[as_numpy(trigger) for trigger in guided.triggers] if guided is not None else [],
     )
 
 

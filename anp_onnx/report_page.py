@@ -7,6 +7,7 @@ from html import escape
 from pathlib import Path
 
 from anp_onnx.batch import BatchResult
+from anp_onnx.manifest import FIGURE_KINDS
 from anp_onnx.rewrite import write_text_atomically
 from anp_onnx.summary import TABLE_HEADER, table_rows
 
@@ -47,7 +48,8 @@ def _model_section(report_dir: Path, outcome) -> str:
     report = Path(outcome.report)
     if report.parent.resolve() == report_dir.resolve() and report.is_file():
         parts.append(f'<p><a href="{escape(report.name)}">JSON report</a></p>')
-    images = [f"{outcome.name}.{kind}.png" for kind in ("masks", "sweep")]
+    kinds = [kind for method_kinds in FIGURE_KINDS.values() for kind in method_kinds]
+    images = [f"{outcome.name}.{kind}.png" for kind in kinds]
     shown = [f'<img src="{escape(image)}" alt="{escape(image)}">' for image in images if (report_dir / image).is_file()]
     if shown and outcome.status in ("purified", "skipped"):
         parts.append(f'<div class="figures">{"".join(shown)}</div>')

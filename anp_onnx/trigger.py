@@ -2,9 +2,11 @@
 
     stamped = (1 - m) * x + m * pattern,   min  CE(f(stamped), target) + size_weight * mean(m)
 
-The mask `m` covers the input's positions (one value per pixel, shared by the channels; one per
-feature for flat inputs) and the pattern stays inside the clean data's value range. A backdoored
-model's target label is reached with a small mask; the synthetic trigger then stands in for the
+Two shapes of `m`: a "patch" mask covers the input's positions (one value per pixel, shared by the
+channels; one per feature for flat inputs), as Neural Cleanse; a "blend" mask is one opacity for the
+whole input, a full-image pattern blended in, as Blend-style attacks do (a patch models those
+poorly). The pattern stays inside the clean data's value range. A backdoored model's target label
+is reached with a small mask (or a low opacity); the synthetic trigger then stands in for the
 attacker's, which the defence never sees.
 """
 
@@ -20,21 +22,27 @@ import torch.nn.functional as F
 from anp_onnx.errors import AnpError
 from anp_onnx.importer import GatedClassifier
 
+KINDS = ("patch", "blend")
+SIZE_WEIGHTS = {"patch": 3.0, "blend": 1.0}  # weight of the mask's mean against the target loss
+INITIAL_MASKS = {"patch": 0.05, "blend": 0.12}
+
 
 @dataclass(frozen=True)
 class TriggerSettings:
+    kind: str = "patch"
     steps: int = 400
     batch_size: int = 128
     lr: float = 0.1
-    size_weight: float = 3.0  # weight of the mask's mean against the target loss
     seed: int = 0
 
 
 @dataclass
 class Trigger:
     """`mask` and `pattern` broadcast against one input; `success`: share of clean inputs of other
-    labels that the stamp sends to `target`; `size`: the mask's sum (pixels, or features)."""
+    labels that the stamp sends to `target`; `size`: the mask's sum (pixels or features for a patch,
+    the opacity for a blend)."""
 
+    kind: str
     target: int
     mask: torch.Tensor
     pattern: torch.Tensor
@@ -45,7 +53,12 @@ class Trigger:
         return (1 - self.mask) * inputs + self.mask * self.pattern
 
     def summary(self) -> dict[str, object]:
-        return {"target": self.target, "success": round(self.success, 4), "size": round(self.size, 2)}
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "success": round(self.success, 4),
+            "size": round(self.size, 3),
+        }
 
 
 def channel_axis_of(inputs: torch.Tensor) -> int | None:
@@ -73,8 +86,11 @@ def synthesise_trigger(
     mask_shape = [1, *x.shape[1:]]
     if axis is not None:
         mask_shape[axis] = 1
+    if settings.kind == "blend":
+        mask_shape = [1] * x.ndim
     low, high = _value_range(x, axis)
-    mask_logit = torch.full(mask_shape, -3.0, device=x.device, requires_grad=True)
+    initial = torch.logit(torch.tensor(INITIAL_MASKS[settings.kind])).item()
+    mask_logit = torch.full(mask_shape, initial, device=x.device, requires_grad=True)
     pattern_logit = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=settings.lr)
     labels = torch.full((settings.batch_size,), target, device=x.device)
@@ -87,7 +103,7 @@ def synthesise_trigger(
             batch = others[torch.randint(len(others), (settings.batch_size,), generator=generator, device=x.device)]
             mask = torch.sigmoid(mask_logit)
             stamped = (1 - mask) * batch + mask * (low + (high - low) * torch.sigmoid(pattern_logit))
-            loss = F.cross_entropy(classifier(stamped), labels) + settings.size_weight * mask.mean()
+            loss = F.cross_entropy(classifier(stamped), labels) + SIZE_WEIGHTS[settings.kind] * mask.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -98,7 +114,8 @@ def synthesise_trigger(
             parameter.requires_grad_(True)
     with torch.no_grad():
         mask = torch.sigmoid(mask_logit)
-        trigger = Trigger(target, mask, low + (high - low) * torch.sigmoid(pattern_logit), 0.0, float(mask.sum()))
+        pattern = low + (high - low) * torch.sigmoid(pattern_logit)
+        trigger = Trigger(settings.kind, target, mask, pattern, 0.0, float(mask.sum()))
         trigger.success = hit_rate(classifier, trigger.stamp(others), torch.full((len(others),), target))
     return trigger
 

@@ -1,11 +1,12 @@
-"""Prune, one neuron at a time, what a synthetic trigger relies on, within a clean-accuracy budget.
+"""Prune, one neuron at a time, what synthetic triggers rely on, within a clean-accuracy budget.
 
-Each round ranks the unpruned neurons by how much the synthetic trigger raises their activation
-(z-score within their layer), tries the top `candidates` one by one with the others' current state,
-and prunes the one that leaves the lowest `synthetic ASR + clean accuracy drop`. It stops when the
+Each round ranks the unpruned neurons by how much a synthetic trigger raises their activation
+(z-score within their layer, the largest over the triggers), tries the top `candidates` one by one
+with the others' current state, and prunes the one that leaves the lowest `synthetic ASR + clean
+accuracy drop`, where the synthetic ASR is the highest over the triggers. It stops when the
 synthetic ASR is at most `max_asr`, when the best candidate would cost more than `max_acc_drop` of
 clean accuracy (that candidate is not pruned), or after `max_rounds`. Only clean data decides: the
-synthetic ASR is measured on clean inputs stamped with the synthetic trigger.
+synthetic ASR is measured on clean inputs stamped with the synthetic triggers.
 """
 
 from __future__ import annotations
@@ -62,21 +63,26 @@ def prune_against_trigger(
     classifier: GatedClassifier,
     x: torch.Tensor,
     y: torch.Tensor,
-    trigger: Trigger,
+    triggers: Trigger | list[Trigger],
     settings: TriggerPruningSettings | None = None,
     on_round: Callable[[PruningRound], None] | None = None,
 ) -> TriggerPruningResult:
-    """Greedy pruning on clean data `x, y` against `trigger`; the classifier's masks end hard (0/1)."""
+    """Greedy pruning on clean data `x, y` against `triggers`; the classifier's masks end hard (0/1)."""
     settings = settings or TriggerPruningSettings()
-    others = x[y != trigger.target]
-    stamped = trigger.stamp(others)
-    target = torch.full((len(stamped),), trigger.target, device=x.device)
+    triggers = [triggers] if isinstance(triggers, Trigger) else triggers
+    clean_inputs = [x[y != trigger.target] for trigger in triggers]
+    stamped = [trigger.stamp(others) for trigger, others in zip(triggers, clean_inputs, strict=True)]
+    targets = [
+        torch.full((len(batch),), trigger.target, device=x.device)
+        for trigger, batch in zip(triggers, stamped, strict=True)
+    ]
     pairs = list(zip(classifier.neuron_map.layers, classifier.gates, strict=True))
     _reset(classifier)
     classifier.eval()
 
     def measure() -> tuple[float, float]:
-        return hit_rate(classifier, x, y), hit_rate(classifier, stamped, target)
+        asr = max(hit_rate(classifier, batch, target) for batch, target in zip(stamped, targets, strict=True))
+        return hit_rate(classifier, x, y), asr
 
     baseline, synthetic = measure()
     result = TriggerPruningResult(PruningPlan("trigger", ()), baseline, synthetic)
@@ -89,7 +95,7 @@ def prune_against_trigger(
             result.stopped_because = f"{settings.max_rounds} rounds"
             break
         best: tuple[float, int, int, float, float] | None = None
-        for layer_index, channel in _ranked_by_rise(classifier, others, stamped)[: settings.candidates]:
+        for layer_index, channel in _ranked_by_rise(classifier, clean_inputs, stamped)[: settings.candidates]:
             gate = pairs[layer_index][1]
             with torch.no_grad():
                 gate.mask[channel] = 0.0
@@ -129,17 +135,30 @@ def _reset(classifier: GatedClassifier) -> None:
             gate.optimising = False
 
 
-def _ranked_by_rise(classifier: GatedClassifier, clean: torch.Tensor, stamped: torch.Tensor) -> list[tuple[int, int]]:
-    """Unpruned neurons, largest activation rise under the trigger first (z-score within the layer)."""
-    clean_means = _mean_activations(classifier, clean)
-    stamped_means = _mean_activations(classifier, stamped)
+def _ranked_by_rise(
+    classifier: GatedClassifier, clean: list[torch.Tensor], stamped: list[torch.Tensor]
+) -> list[tuple[int, int]]:
+    """Unpruned neurons, largest activation rise under a trigger first (z-score within the layer, the
+    largest over the triggers; `clean[i]` are the inputs `stamped[i]` was stamped on)."""
+    rises = [
+        [
+            after - before
+            for before, after in zip(
+                _mean_activations(classifier, inputs), _mean_activations(classifier, batch), strict=True
+            )
+        ]
+        for inputs, batch in zip(clean, stamped, strict=True)
+    ]
     scored: list[tuple[float, int, int]] = []
-    for index, (gate, before, after) in enumerate(zip(classifier.gates, clean_means, stamped_means, strict=True)):
-        rise = after - before
-        z = (rise - rise.mean()) / (rise.std() + 1e-8) if len(rise) > 1 else rise
-        scored += [(float(z[channel]), index, channel) for channel in range(len(rise)) if gate.mask[channel] != 0]
+    for index, gate in enumerate(classifier.gates):
+        z = torch.stack([_z_score(per_trigger[index]) for per_trigger in rises]).amax(dim=0)
+        scored += [(float(z[channel]), index, channel) for channel in range(len(z)) if gate.mask[channel] != 0]
     scored.sort(key=lambda item: -item[0])
     return [(index, channel) for _, index, channel in scored]
+
+
+def _z_score(values: torch.Tensor) -> torch.Tensor:
+    return (values - values.mean()) / (values.std() + 1e-8) if len(values) > 1 else values
 
 
 def _mean_activations(classifier: GatedClassifier, inputs: torch.Tensor, batch_size: int = 512) -> list[torch.Tensor]:

@@ -328,3 +328,24 @@ def test_the_ray_executor_gives_the_same_summary(first_run, models, data, tmp_pa
     assert summary["executor"] == "ray"
     assert comparable(summary) == comparable(first)
     assert [model["status"] for model in summary["models"]] == ["purified"] * 3 + ["failed"]
+
+
+def test_the_default_method_reports_the_synthetic_trigger_and_each_pruning_round(tmp_path, data):
+    """`--method trigger` (the default): the trigger as a picture, and ACC / ASR of every prefix of the
+    plan, the last of which is the written model."""
+    report_dir = tmp_path / "reports"
+    model = EXAMPLES / GOOD_MODELS["badnets"] / "model.onnx"
+    arguments = ("--data", data["clean"], "--test-data", data["test"], "--poison-data", data["poison"])
+    result = invoke("batch", model, "--out-dir", tmp_path / "out", "--report-dir", report_dir, *arguments)
+    assert result.exit_code == 0, result.output
+    report = json.loads((report_dir / "model.report.json").read_text())
+    assert report["settings"]["method"] == "trigger" and report["guided"]["triggers"][0]["kind"] == "patch"
+    sweep = report["sweep"]
+    assert [point["pruned"] for point in sweep] == list(range(report["pruned_neurons"] + 1))
+    assert (sweep[-1]["acc"], sweep[-1]["asr"]) == (report["after"]["acc"], report["after"]["asr"])
+    assert (sweep[0]["acc"], sweep[0]["asr"]) == (report["before"]["acc"], report["before"]["asr"])
+    page = (report_dir / "index.html").read_text()
+    for kind, size in (("trigger", (360, 960)), ("rounds", (440, 640))):
+        assert imread(report_dir / f"model.{kind}.png").shape[:2] == size
+        assert f'src="model.{kind}.png"' in page
+    assert not (report_dir / "model.masks.png").exists()
