@@ -18,7 +18,7 @@ from tools.bench_speed import main  # noqa: E402
 EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
 
 
-def test_bench_speed_reports_four_measurements(tmp_path: Path) -> None:
+def test_bench_speed_reports_five_measurements(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     arguments = ["--example", str(EXAMPLE), "--steps", "2", "--batch-size", "16", "--warmup", "1"]
     result = CliRunner().invoke(main, [*arguments, "--json", str(output)])
@@ -27,7 +27,18 @@ def test_bench_speed_reports_four_measurements(tmp_path: Path) -> None:
 
     report = json.loads(output.read_text())
     measurements, ratios = report["measurements"], report["ratios"]
-    assert set(measurements) == {"train_step", "anp_iteration", "reference_iteration", "evaluation"}
+    assert set(measurements) == {
+        "train_step",
+        "anp_iteration",
+        "reference_iteration",
+        "evaluation",
+        "purify_end_to_end",
+    }
+    end_to_end = measurements["purify_end_to_end"]
+    assert end_to_end["method"] == "trigger" and end_to_end["seconds"] > sum(end_to_end["timings_s"].values()) * 0.99
+    assert math.isclose(end_to_end["reference_2000_s"], 2000 * measurements["reference_iteration"]["median_s"])
+    assert math.isclose(ratios["purify_over_reference_2000"], end_to_end["seconds"] / end_to_end["reference_2000_s"])
+    assert end_to_end["after"]["asr"] < end_to_end["before"]["asr"]
     medians = {key: measurements[key]["median_s"] for key in ("train_step", "anp_iteration", "reference_iteration")}
     for key, median in medians.items():
         assert median > 0, key

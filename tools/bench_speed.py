@@ -10,7 +10,10 @@ Measured on the same model and data, in one run, after `--warmup` steps that are
 (b) anp: one iteration of `anp.optimise_masks` (the intervals between its `on_iteration` callbacks);
 (c) reference: one iteration of a loop written like the paper's `mask_train`: each BatchNorm's
     weight/bias rebuilt every pass from mask and noise, three forward passes per iteration;
-(d) evaluation throughput: `Evaluator(model, "cpu").predict` against a bare onnxruntime session.
+(d) evaluation throughput: `Evaluator(model, "cpu").predict` against a bare onnxruntime session;
+(e) end to end: `anp_onnx.purify.purify` with every default (the trigger-guided method) on the
+    example, load to written and measured file, against 2 000 reference-style iterations (2 000 times
+    (c)'s median, the paper's run length; not run whole). `--no-end-to-end` leaves it out.
 
 (a), (b) and (c) are interleaved: (a) and (c) run inside (b)'s callback, and the callback's own time
 is left out of (b)'s intervals, so the order in time is B A C B A C ... (d) runs afterwards, the
@@ -27,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,9 +51,11 @@ from anp_onnx.evaluate import EVAL_BATCH, Evaluator  # noqa: E402
 from anp_onnx.importer import convert_to_torch, import_model  # noqa: E402
 from anp_onnx.model import input_shape, load_model  # noqa: E402
 from anp_onnx.neurons import build_neuron_map  # noqa: E402
+from anp_onnx.purify import purify  # noqa: E402
 
 DEFAULT_EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
 TRAIN_LR = 0.01
+REFERENCE_ITERATIONS = 2000  # the paper's run length, for (e)
 
 
 # ----------------------------------------------------------------------------- machine
@@ -328,6 +334,7 @@ def table(result: dict[str, object]) -> str:
     m, r = result["measurements"], result["ratios"]
     ev = m["evaluation"]
     where = "CUDA " + str(info.get("cuda_device", "")) if info["cuda"] else "cpu"
+    end_to_end = m.get("purify_end_to_end")
     lines = [
         f"machine: {info['processor']} / {info['cpu_count']} CPUs / torch on {where} "
         f"({info['torch_threads']} threads), torch {info['torch']}",
@@ -344,15 +351,58 @@ def table(result: dict[str, object]) -> str:
         f"b/a  {r['anp_over_train']:.2f}   c/a  {r['reference_over_train']:.2f}   "
         f"b/c  {r['anp_over_reference']:.2f}   evaluator/bare throughput  {r['evaluator_over_bare_throughput']:.2f}",
     ]
+    if end_to_end:
+        before, after = end_to_end["before"], end_to_end["after"]
+        lines += [
+            "",
+            f"(e) purify, defaults (method {end_to_end['method']}), end to end: {end_to_end['seconds']:.1f} s; "
+            f"{REFERENCE_ITERATIONS} reference iterations: {end_to_end['reference_2000_s']:.1f} s; "
+            f"ratio {r['purify_over_reference_2000']:.3f}",
+            f"    ACC {_percent(before['acc'])} -> {_percent(after['acc'])}, "
+            f"ASR {_percent(before['asr'])} -> {_percent(after['asr'])}, {end_to_end['pruned']} neurons pruned",
+        ]
     return "\n".join(lines)
 
 
-def run_benchmark(example: Path, batch_size: int, steps: int, warmup: int) -> dict[str, object]:
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def time_end_to_end(example: Path) -> dict[str, object]:
+    """Default `purify` on the example, wall time and what it reached (ACC / ASR on its test files)."""
+    with tempfile.TemporaryDirectory(prefix="anp-bench-") as folder:
+        started = time.perf_counter()
+        result = purify(
+            example / "model.onnx",
+            example / "clean.npz",
+            Path(folder) / "purified.onnx",
+            test_data=example / "test.npz" if (example / "test.npz").is_file() else None,
+            poison_data=example / "poison.npz" if (example / "poison.npz").is_file() else None,
+        )
+        seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "method": result.settings.method,
+        "before": {"acc": result.before.acc, "asr": result.before.asr},
+        "after": {"acc": result.after.acc, "asr": result.after.asr},
+        "pruned": len(result.plan.neurons),
+        "timings_s": result.timings,
+    }
+
+
+def run_benchmark(
+    example: Path, batch_size: int, steps: int, warmup: int, end_to_end: bool = True
+) -> dict[str, object]:
     configure_threads()
     device = torch_device()
     torch_times, counts = time_torch(example, batch_size, steps, warmup, device)
     eval_times, eval_samples = time_evaluation(example, steps, warmup)
     measurements, ratios = summarise(torch_times, eval_times, eval_samples)
+    if end_to_end:
+        measurements["purify_end_to_end"] = time_end_to_end(example)
+        reference_run = REFERENCE_ITERATIONS * measurements["reference_iteration"]["median_s"]
+        measurements["purify_end_to_end"]["reference_2000_s"] = reference_run
+        ratios["purify_over_reference_2000"] = measurements["purify_end_to_end"]["seconds"] / reference_run
     return {
         "machine": machine(device),
         "settings": {
@@ -380,9 +430,10 @@ def run_benchmark(example: Path, batch_size: int, steps: int, warmup: int) -> di
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Timed steps per measurement.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untimed steps first.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
-def main(example: Path, batch_size: int, steps: int, warmup: int, json_path: Path | None) -> None:
+@click.option("--end-to-end/--no-end-to-end", default=True, show_default=True, help="(e): default purify, whole.")
+def main(example: Path, batch_size: int, steps: int, warmup: int, json_path: Path | None, end_to_end: bool) -> None:
     """Time ANP iterations, a reference-style loop, a training step and onnxruntime evaluation."""
-    result = run_benchmark(example, batch_size, steps, warmup)
+    result = run_benchmark(example, batch_size, steps, warmup, end_to_end)
     click.echo(table(result))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
