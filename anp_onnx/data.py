@@ -69,7 +69,7 @@ def open_samples(path: str | Path, shape: tuple[int | None, ...], what: str = "d
         raise AnpError(f"{what} {path}: no such file")
     source = f"{what} {path}"
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with _npz_archive(path, source) as archive:
             if "x" not in archive or "y" not in archive:
                 raise AnpError(f"{source}: needs arrays 'x' and 'y', found {sorted(archive.files)}")
             y = archive["y"]
@@ -91,7 +91,7 @@ def _stream_x(path: Path, rows: int, source: str) -> Iterator[np.ndarray]:
         with zipfile.ZipFile(path) as archive, archive.open("x.npy") as member:
             shape, fortran_order, dtype = _npy_header(member, source)
             if fortran_order:  # column-major rows are not contiguous on disk: read it whole
-                with np.load(path, allow_pickle=False) as whole:
+                with _npz_archive(path, source) as whole:
                     x = whole["x"]
                 for start in range(0, len(x), rows):
                     yield x[start : start + rows]
@@ -105,6 +105,14 @@ def _stream_x(path: Path, rows: int, source: str) -> Iterator[np.ndarray]:
                 yield np.frombuffer(data, dtype=dtype).reshape((count, *shape[1:]))
     except (*_READ_ERRORS, zlib.error) as error:
         raise AnpError(f"{source}: not a readable .npz file ({error})") from None
+
+
+def _npz_archive(path: Path, source: str) -> np.lib.npyio.NpzFile:
+    """The .npz archive at `path`; AnpError for a file numpy reads as something else (a bare .npy array)."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise AnpError(f"{source}: a single .npy array, not an .npz archive with arrays 'x' and 'y'")
+    return loaded
 
 
 def _npy_header(member: BinaryIO, source: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -134,7 +142,7 @@ def load_samples(path: str | Path, shape: tuple[int | None, ...], what: str = "d
     if not path.is_file():
         raise AnpError(f"{what} {path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with _npz_archive(path, f"{what} {path}") as archive:
             if "x" not in archive or "y" not in archive:
                 raise AnpError(f"{what} {path}: needs arrays 'x' and 'y', found {sorted(archive.files)}")
             x, y = archive["x"], archive["y"]

@@ -1,3 +1,4 @@
+import re
 import tracemalloc
 
 import numpy as np
@@ -52,6 +53,17 @@ def test_bad_samples_get_a_message_that_names_the_problem(tmp_path, x, y, messag
         load_samples(path, (None, 1, 4, 4))
     with pytest.raises(AnpError, match=message):
         open_samples(path, (None, 1, 4, 4))
+
+
+def test_a_bare_npy_array_named_npz_is_refused_for_what_it_is(tmp_path):
+    """numpy reads a file that starts with the .npy magic as one array, whatever its name (found by make fuzz)."""
+    path = tmp_path / "d.npz"
+    with path.open("wb") as handle:
+        np.save(handle, np.zeros((3, 4, 4), np.float32))
+    message = re.escape("a single .npy array, not an .npz archive with arrays 'x' and 'y'")
+    for read in (load_samples, open_samples):
+        with pytest.raises(AnpError, match=message):
+            read(path, (None, 1, 4, 4))
 
 
 @pytest.mark.parametrize("compressed", [False, True])
