@@ -23,7 +23,7 @@ from anp_onnx.trigger import Trigger, hit_rate
 
 @dataclass(frozen=True)
 class TriggerPruningSettings:
-    candidates: int = 24
+    candidates: int = 48
     max_asr: float = 0.05
     max_acc_drop: float = 0.03
     max_rounds: int = 40
