@@ -55,16 +55,8 @@ def calibrate(classifier: GatedClassifier, x: torch.Tensor, settings: AnpSetting
     pruned BatchNorm channel outputs, its beta). Layers with no per-channel bias keep their bias.
     """
     statistics = [ChannelStatistics(gate.channel_axis) for gate in classifier.gates]
-    gates_and_statistics = zip(classifier.gates, statistics, strict=True)
-    hooks = [gate.register_forward_pre_hook(_recorder(stats)) for gate, stats in gates_and_statistics]
     classifier.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                classifier(x[start : start + batch_size])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    classifier.observe_gate_inputs(x, lambda index, activation: statistics[index].add(activation), batch_size)
     for layer, gate, stats in zip(classifier.neuron_map.layers, classifier.gates, statistics, strict=True):
         mean, std = stats.mean_std()
         gate.reference_mean.copy_(torch.from_numpy(mean).float())
@@ -72,13 +64,6 @@ def calibrate(classifier: GatedClassifier, x: torch.Tensor, settings: AnpSetting
         gate.renormalise = gate.renormalise and settings.neuron_mode == "batchnorm"
         if gate.renormalise and layer.bias_per_channel:
             gate.pruned_value.copy_(gate.reference_mean)
-
-
-def _recorder(stats: ChannelStatistics):
-    def hook(_gate: torch.nn.Module, inputs: tuple[torch.Tensor]) -> None:
-        stats.add(inputs[0])
-
-    return hook
 
 
 def optimise_masks(

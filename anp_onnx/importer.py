@@ -6,6 +6,7 @@ import contextlib
 import io
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -72,6 +73,24 @@ class GatedClassifier(nn.Module):
 
     def batch_norm_modules(self) -> list[nn.Module]:
         return [module for module in self.graph_module.modules() if _is_batch_norm(module)]
+
+    def observe_gate_inputs(
+        self, inputs: torch.Tensor, observe: Callable[[int, torch.Tensor], None], batch_size: int = 256
+    ) -> None:
+        """Run `inputs` through in batches without gradients, calling `observe(gate index, activation)`
+        with what each gate receives; the mode (train/eval) is the caller's."""
+
+        def recorder(index: int):
+            return lambda _gate, args: observe(index, args[0])
+
+        hooks = [gate.register_forward_pre_hook(recorder(index)) for index, gate in enumerate(self.gates)]
+        try:
+            with torch.no_grad():
+                for start in range(0, len(inputs), batch_size):
+                    self(inputs[start : start + batch_size])
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def _layer_module(graph_module: nn.Module, node_index: int) -> nn.Module:

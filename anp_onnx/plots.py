@@ -42,12 +42,7 @@ def plot_threshold_sweep(
     figure = Figure(figsize=FIGURE_SIZE, dpi=DPI)
     axes = figure.add_subplot()
     thresholds = [point.threshold for point in points]
-    for name, values, style in (
-        (acc_label, [point.acc for point in points], {"color": "#4c72b0", "marker": "o"}),
-        ("ASR", [point.asr for point in points], {"color": "#c44e52", "marker": "s"}),
-    ):
-        if all(value is not None for value in values):
-            axes.plot(thresholds, [100 * value for value in values], label=name, **style)
+    _plot_acc_and_asr(axes, thresholds, points, acc_label)
     if chosen is not None:
         axes.axvline(chosen, color="grey", linestyle=":", label=f"chosen threshold {chosen:g}")
     axes.set_xlim(min(thresholds) - 0.03, max(thresholds) + 0.03)
@@ -111,12 +106,7 @@ def plot_pruning_rounds(
     figure = Figure(figsize=FIGURE_SIZE, dpi=DPI)
     axes = figure.add_subplot()
     counts = [point.pruned for point in points]
-    for name, values, style in (
-        (acc_label, [point.acc for point in points], {"color": "#4c72b0", "marker": "o"}),
-        ("ASR", [point.asr for point in points], {"color": "#c44e52", "marker": "s"}),
-    ):
-        if all(value is not None for value in values):
-            axes.plot(counts, [100 * value for value in values], label=name, **style)
+    _plot_acc_and_asr(axes, counts, points, acc_label)
     steps = list(range(len(decided)))
     decided_acc = [100 * acc for acc, _ in decided]
     axes.plot(steps, decided_acc, color="#4c72b0", linestyle="--", label="ACC on --data (decides)")
@@ -131,6 +121,16 @@ def plot_pruning_rounds(
     if title:
         figure.suptitle(title, fontsize=10)
     _save(figure, path)
+
+
+def _plot_acc_and_asr(axes, positions: Sequence[float], points: Sequence[SweepPoint], acc_label: str) -> None:
+    """The measured ACC and ASR of `points` in percent, each line only where every point has it."""
+    for name, values, style in (
+        (acc_label, [point.acc for point in points], {"color": "#4c72b0", "marker": "o"}),
+        ("ASR", [point.asr for point in points], {"color": "#c44e52", "marker": "s"}),
+    ):
+        if all(value is not None for value in values):
+            axes.plot(positions, [100 * value for value in values], label=name, **style)
 
 
 def _save(figure: Figure, path: Path) -> None:

@@ -164,22 +164,12 @@ def _z_score(values: torch.Tensor) -> torch.Tensor:
 def _mean_activations(classifier: GatedClassifier, inputs: torch.Tensor, batch_size: int = 512) -> list[torch.Tensor]:
     """Each gated layer's mean rectified activation per channel (what the gate receives)."""
     totals: list[torch.Tensor | None] = [None] * len(classifier.gates)
+    axes_of = [gate.channel_axis for gate in classifier.gates]
 
-    def recorder(index: int):
-        def hook(gate: torch.nn.Module, args: tuple[torch.Tensor]) -> None:
-            activation = args[0].relu()
-            axes = [axis for axis in range(activation.ndim) if axis != gate.channel_axis % activation.ndim]
-            total = activation.sum(dim=axes)
-            totals[index] = total if totals[index] is None else totals[index] + total
+    def add(index: int, activation: torch.Tensor) -> None:
+        channel_axis = axes_of[index] % activation.ndim
+        total = activation.relu().sum(dim=[axis for axis in range(activation.ndim) if axis != channel_axis])
+        totals[index] = total if totals[index] is None else totals[index] + total
 
-        return hook
-
-    hooks = [gate.register_forward_pre_hook(recorder(index)) for index, gate in enumerate(classifier.gates)]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(inputs), batch_size):
-                classifier(inputs[start : start + batch_size])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    classifier.observe_gate_inputs(inputs, add, batch_size)
     return [total / len(inputs) for total in totals]  # per-sample sums: the scale is the same for both sets

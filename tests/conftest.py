@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 from pathlib import Path
 
@@ -128,3 +129,10 @@ def image_samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def vector_samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_samples(tmp_path_factory.mktemp("data") / "vectors.npz", 64, (20,), classes=5)
+
+
+def default_sigint() -> None:
+    """preexec_fn for children that a test interrupts: SIGINT back to its default, so Python turns it
+    into KeyboardInterrupt even when the suite itself was started with SIGINT ignored (`cmd &` in a
+    non-interactive shell), which children would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import default_sigint
 from matplotlib.image import imread
 from onnx import TensorProto, helper, numpy_helper
 
@@ -255,14 +259,29 @@ def test_usage_errors_are_one_line_with_exit_code_two(tmp_path, models, data, ar
 
 
 def wait_for_line(process: subprocess.Popen, text: str, timeout: float = 120) -> list[str]:
-    seen = []
+    """The child's stdout lines up to the first that contains `text`; fails (and kills the child) when
+    none has come within `timeout` seconds, so a child that never prints it cannot hang the suite."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for line in process.stdout:
+                lines.put(line)
+        except (ValueError, OSError):  # stdout closed by communicate() later
+            pass
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
     while True:
-        line = process.stdout.readline()
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            process.kill()
+            raise AssertionError(f"no {text!r} within {timeout:g} s; stdout so far: {seen}") from None
         seen.append(line)
         if text in line:
             return seen
-        if not line and process.poll() is not None:
-            raise AssertionError(f"never saw {text!r}: {seen}")
 
 
 def write_manifest(path: Path, data: dict[str, Path], *entries: dict[str, object]) -> Path:
@@ -293,6 +312,7 @@ def test_an_interrupted_batch_leaves_whole_files_only_and_the_rerun_completes_th
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=default_sigint,
     )
     wait_for_line(process, "[1/2] clean: purified")
     process.send_signal(signal_number)

@@ -13,7 +13,7 @@ from anp_onnx.batch import fingerprint
 from anp_onnx.errors import AnpError
 from anp_onnx.manifest import plan_jobs
 
-CLI_DEFAULTS = {"iterations": 2000, "batch_size": 128, "threshold": None, "seed": 0, "data": None}
+CLI_DEFAULTS = {"method": "trigger", "iterations": 2000, "batch_size": 128, "threshold": None, "seed": 0, "data": None}
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ models:
 def test_a_manifest_gives_per_model_settings_over_the_command_line(tree):
     manifest = tree / "config" / "batch.json"
     manifest.write_text(json.dumps(MANIFEST))
-    settings = {**CLI_DEFAULTS, "threshold": 0.3}
+    settings = {**CLI_DEFAULTS, "method": "anp", "threshold": 0.3}
     first, second = plan_jobs([], manifest, settings, tree / "out", tree / "reports")
     assert (first.name, second.name) == ("a", "vendor_b_model")
     assert first.model == tree / "config" / "../vendor_a/model.onnx"
@@ -63,6 +63,15 @@ def test_a_manifest_gives_per_model_settings_over_the_command_line(tree):
     assert second.output == tree / "out" / "b" / "purified.onnx"
     assert first.report == tree / "reports" / "a.report.json"
     assert first.plot_paths == {"masks": tree / "reports" / "a.masks.png", "sweep": tree / "reports" / "a.sweep.png"}
+
+
+def test_the_default_method_draws_the_trigger_and_the_rounds_and_an_entry_can_pick_anp(tree):
+    manifest = tree / "config" / "batch.json"
+    entries = [{"model": "../vendor_a/model.onnx", "name": "a"}, {"model": "../vendor_b/model.onnx", "method": "anp"}]
+    manifest.write_text(json.dumps({"defaults": {"data": "clean.npz"}, "models": entries}))
+    first, second = plan_jobs([], manifest, CLI_DEFAULTS, tree / "out", tree / "reports")
+    assert (first.options.settings.method, second.options.settings.method) == ("trigger", "anp")
+    assert set(first.plot_paths) == {"trigger", "rounds"} and set(second.plot_paths) == {"masks", "sweep"}
 
 
 def test_yaml_manifests_read_like_json(tree):

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import default_sigint
 
 SLOW_WRITER = """
 import sys, time
@@ -43,7 +44,10 @@ def test_an_interrupt_while_writing_keeps_the_previous_file_and_leaves_no_tempor
     target.write_bytes(b"previous")
     handler = "import signal; signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))\n"
     process = subprocess.Popen(
-        [sys.executable, "-c", handler + SLOW_WRITER, str(target)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", handler + SLOW_WRITER, str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
     )
     wait_for_line(process, "stdout", "chunk")
     process.send_signal(signal_number)
@@ -80,6 +84,7 @@ def test_an_interrupt_during_optimisation_writes_nothing(tmp_path, models, image
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # a second busy process must not starve this one
+        preexec_fn=default_sigint,
     )
     wait_for_line(process, "stderr", "optimising masks")  # the first tenth is done: we are mid-loop
     process.send_signal(signal_number)
