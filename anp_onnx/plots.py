@@ -52,14 +52,7 @@ def plot_threshold_sweep(
     secondary.set_xticklabels([str(point.pruned) for point in points], fontsize=7)
     secondary.set_xlabel("neurons pruned", fontsize=8)
     axes.set_xticks(thresholds)
-    axes.set_ylim(-2, 102)
-    axes.set_xlabel("pruning threshold (masks below it are pruned)")
-    axes.set_ylabel("percent")
-    axes.grid(alpha=0.3)
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    _save(figure, path)
+    _finish_percent_plot(figure, axes, "pruning threshold (masks below it are pruned)", title, path, columns=3)
 
 
 def plot_trigger(mask: np.ndarray, pattern: np.ndarray, example: np.ndarray, path: Path, title: str = "") -> None:
@@ -113,14 +106,7 @@ def plot_pruning_rounds(
     decided_asr = [100 * asr for _, asr in decided]
     axes.plot(steps, decided_asr, color="#dd8452", linestyle="--", marker="^", label="synthetic trigger ASR (decides)")
     axes.set_xticks(counts)
-    axes.set_ylim(-2, 102)
-    axes.set_xlabel("neurons pruned, in the order chosen")
-    axes.set_ylabel("percent")
-    axes.grid(alpha=0.3)
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    _save(figure, path)
+    _finish_percent_plot(figure, axes, "neurons pruned, in the order chosen", title, path, columns=2)
 
 
 def _plot_acc_and_asr(axes, positions: Sequence[float], points: Sequence[SweepPoint], acc_label: str) -> None:
@@ -131,6 +117,19 @@ def _plot_acc_and_asr(axes, positions: Sequence[float], points: Sequence[SweepPo
     ):
         if all(value is not None for value in values):
             axes.plot(positions, [100 * value for value in values], label=name, **style)
+
+
+def _finish_percent_plot(figure: Figure, axes, xlabel: str, title: str, path: Path, columns: int) -> None:
+    """Percent on 0-100, a grid, the legend under the axes, the title, and the file written."""
+    axes.set_ylim(-2, 102)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("percent")
+    axes.grid(alpha=0.3)
+    offset = -0.16 if columns == 3 else -0.14
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, offset), ncol=columns, fontsize=8, frameon=False)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    _save(figure, path)
 
 
 def _save(figure: Figure, path: Path) -> None:
