@@ -22,7 +22,7 @@ from anp_onnx.trigger import Trigger, TriggerSettings, synthesise_trigger
 from anp_onnx.trigger_pruning import TriggerPruningResult, TriggerPruningSettings, prune_against_trigger
 
 TARGET_ROUNDS = 4  # adversarial neuron perturbations whose errors name the target (as `anp-onnx scan`)
-DEFAULT_MAX_ACC_DROP = 0.03  # clean-accuracy budget of the pruning, on the clean data given
+DEFAULT_MAX_ACC_DROP = TriggerPruningSettings().max_acc_drop  # the budget, on the clean data given
 TRIGGER_KINDS = ("patch",)  # adding "blend" made Blend cells worse (docs/METHOD.md)
 
 
@@ -59,11 +59,12 @@ def guided_prune(
     target, share = suspected_target(histogram)
     triggers = []
     for number, kind in enumerate(TRIGGER_KINDS):
-        steps = TriggerSettings().steps
-        progress = (lambda step, offset=number * steps: on_step(offset + step)) if on_step else None
-        triggers.append(
-            synthesise_trigger(classifier, x, y, target, TriggerSettings(kind, seed=settings.seed), progress)
-        )
-    budget = DEFAULT_MAX_ACC_DROP if max_acc_drop is None else max_acc_drop
-    pruning = prune_against_trigger(classifier, x, y, triggers, TriggerPruningSettings(max_acc_drop=budget))
+        trigger_settings = TriggerSettings(kind, seed=settings.seed)
+        offset = number * trigger_settings.steps  # progress counts the steps of all triggers in a row
+        progress = (lambda step, offset=offset: on_step(offset + step)) if on_step else None
+        triggers.append(synthesise_trigger(classifier, x, y, target, trigger_settings, progress))
+    pruning_settings = (
+        TriggerPruningSettings() if max_acc_drop is None else TriggerPruningSettings(max_acc_drop=max_acc_drop)
+    )
+    pruning = prune_against_trigger(classifier, x, y, triggers, pruning_settings)
     return GuidedResult(target, share, triggers, pruning)

@@ -18,6 +18,7 @@ from anp_onnx.errors import AnpError
 from anp_onnx.gates import NeuronGate
 from anp_onnx.model import Graph, normalised_for_torch
 from anp_onnx.neurons import NeuronMap, current_bias
+from anp_onnx.prune import PruningPlan
 
 FALLBACK_OPSET = 17  # onnx2torch converts most ops up to this opset
 OUTPUT_KINDS = {"Softmax": "probabilities", "LogSoftmax": "log_probabilities", "Sigmoid": "sigmoid"}
@@ -193,3 +194,15 @@ def check_equivalence(classifier: GatedClassifier, inputs: np.ndarray, reference
     if not np.isfinite(difference) or difference > tolerance:
         raise AnpError(f"{what}: the torch conversion disagrees with onnxruntime (max difference {difference:.3g})")
     return difference
+
+
+def hard_masks(classifier: GatedClassifier, plan: PruningPlan) -> None:
+    """Set every gate's mask to 0 for the plan's neurons and 1 elsewhere, noise off."""
+    with torch.no_grad():
+        for layer, gate in zip(classifier.neuron_map.layers, classifier.gates, strict=True):
+            gate.mask.fill_(1.0)
+            channels = plan.channels_of(layer.name)
+            if channels:
+                gate.mask[channels] = 0.0
+            gate.perturbed = False
+            gate.optimising = False

@@ -18,7 +18,7 @@ from anp_onnx.data import SampleFile, Samples, load_samples, open_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.evaluate import Evaluator, Metrics
 from anp_onnx.guided import TRIGGER_KINDS, GuidedResult, guided_prune
-from anp_onnx.importer import check_equivalence, import_model
+from anp_onnx.importer import check_equivalence, hard_masks, import_model
 from anp_onnx.model import check_supported, class_output_index, input_shape, load_model
 from anp_onnx.neurons import NeuronMap, build_neuron_map
 from anp_onnx.prune import MaskValues, PruningPlan
@@ -262,15 +262,3 @@ def _check_rewrite(classifier, plan: PruningPlan, inputs: np.ndarray, rewritten_
         check_equivalence(classifier, inputs, rewritten_outputs, "rewritten model")
     except AnpError as error:
         raise RuntimeError(f"internal check failed: {error}") from None
-
-
-def hard_masks(classifier, plan: PruningPlan) -> None:
-    """Set every gate's mask to 0 for the plan's neurons and 1 elsewhere, noise off."""
-    with torch.no_grad():
-        for layer, gate in zip(classifier.neuron_map.layers, classifier.gates, strict=True):
-            gate.mask.fill_(1.0)
-            channels = plan.channels_of(layer.name)
-            if channels:
-                gate.mask[channels] = 0.0
-            gate.perturbed = False
-            gate.optimising = False

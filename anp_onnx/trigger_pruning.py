@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from anp_onnx.importer import GatedClassifier
+from anp_onnx.importer import GatedClassifier, hard_masks
 from anp_onnx.prune import PrunedNeuron, PruningPlan
 from anp_onnx.trigger import Trigger, hit_rate
 
@@ -77,7 +77,7 @@ def prune_against_trigger(
         for trigger, batch in zip(triggers, stamped, strict=True)
     ]
     pairs = list(zip(classifier.neuron_map.layers, classifier.gates, strict=True))
-    _reset(classifier)
+    hard_masks(classifier, PruningPlan("none", ()))
     classifier.eval()
 
     def measure() -> tuple[float, float]:
@@ -125,14 +125,6 @@ def prune_against_trigger(
         f"trigger: synthetic ASR <= {settings.max_asr:g}, clean ACC drop <= {settings.max_acc_drop:g}", tuple(pruned)
     )
     return result
-
-
-def _reset(classifier: GatedClassifier) -> None:
-    with torch.no_grad():
-        for gate in classifier.gates:
-            gate.mask.fill_(1.0)
-            gate.perturbed = False
-            gate.optimising = False
 
 
 def _ranked_by_rise(

@@ -14,11 +14,10 @@ import torch
 
 from anp_onnx import anp
 from anp_onnx.anp import AnpSettings
-from anp_onnx.importer import GatedClassifier, check_equivalence, import_model, is_float16
+from anp_onnx.importer import GatedClassifier, check_equivalence, hard_masks, import_model, is_float16
 from anp_onnx.model import check_supported, class_output_index, load_model, normalised_for_torch
 from anp_onnx.neurons import NeuronMap, build_neuron_map
 from anp_onnx.prune import MaskValues, PruningPlan
-from anp_onnx.purify import hard_masks
 from anp_onnx.rewrite import apply_plan
 
 REWRITE_TOLERANCE = 1e-4  # of the largest output (at least 1), as importer.check_equivalence measures

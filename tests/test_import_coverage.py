@@ -21,11 +21,11 @@ from torch import nn
 from anp_onnx import anp
 from anp_onnx.anp import AnpSettings
 from anp_onnx.cli import main
-from anp_onnx.importer import FALLBACK_OPSET, import_model, output_kind
+from anp_onnx.importer import FALLBACK_OPSET, hard_masks, import_model, output_kind
 from anp_onnx.model import normalised_for_torch
 from anp_onnx.neurons import build_neuron_map
 from anp_onnx.prune import PruningPlan
-from anp_onnx.purify import PruningChoice, hard_masks, purify
+from anp_onnx.purify import PruningChoice, purify
 
 SHORT = AnpSettings(method="anp", iterations=3, batch_size=16)
 

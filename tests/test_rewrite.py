@@ -7,10 +7,9 @@ from onnx import helper, numpy_helper
 
 from anp_onnx import anp
 from anp_onnx.anp import AnpSettings
-from anp_onnx.importer import import_model
+from anp_onnx.importer import hard_masks, import_model
 from anp_onnx.neurons import build_neuron_map
 from anp_onnx.prune import PruningPlan
-from anp_onnx.purify import hard_masks
 from anp_onnx.rewrite import apply_plan, save_model
 
 
