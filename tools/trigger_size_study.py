@@ -24,12 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anp_onnx import anp  # noqa: E402
-from anp_onnx.anp import AnpSettings  # noqa: E402
-from anp_onnx.data import load_samples  # noqa: E402
-from anp_onnx.importer import import_model  # noqa: E402
-from anp_onnx.model import input_shape  # noqa: E402
-from anp_onnx.purify import load_prunable, resolve_device  # noqa: E402
+from anp_onnx.purify import resolve_device  # noqa: E402
+from anp_onnx.scan import calibrated_classifier  # noqa: E402
 from anp_onnx.target import perturbation_errors  # noqa: E402
 from anp_onnx.trigger import TriggerSettings, synthesise_trigger  # noqa: E402
 
@@ -43,12 +39,9 @@ def anomaly_index(sizes: list[float]) -> float:
 
 
 def study_model(folder: Path, steps: int, kind: str, rounds: int) -> dict[str, object]:
-    model, neuron_map, output_index = load_prunable(folder / "model.onnx", None)
-    clean = load_samples(folder / "clean.npz", input_shape(model), "--data")
-    device = resolve_device("auto")
-    classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index).to(device)
-    x, y = anp.tensors(clean.x, clean.y, device)
-    anp.calibrate(classifier, x, AnpSettings())
+    classifier, x, y = calibrated_classifier(
+        folder / "model.onnx", folder / "clean.npz", resolve_device("auto"), seed=0
+    )
     started = time.perf_counter()
     histogram, errors = perturbation_errors(classifier, x, y, 0.4, rounds, 0)
     labels = sorted(set(y.tolist()))
@@ -62,7 +55,7 @@ def study_model(folder: Path, steps: int, kind: str, rounds: int) -> dict[str, o
     return {
         "name": folder.name,
         "attack": meta.get("attack"),
-        "true_target": meta.get("target") if meta.get("attack") not in (None, "none") else None,
+        "true_target": meta["target"] if meta.get("attack") else None,  # clean controls have no attack
         "histogram": [int(count) for count in histogram],
         "errors": errors,
         "kind": kind,
