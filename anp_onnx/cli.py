@@ -307,24 +307,56 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Clean labelled samples (.npz).")
 @click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.4, show_default=True)
-@click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True, help="Adversarial perturbations.")
+@click.option(
+    "--trigger-steps", type=click.IntRange(min=1), default=100, show_default=True, help="Per label's trigger."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @class_output_option
 @device_option
 def scan(
-    model: Path, data: Path, eps: float, rounds: int, seed: int, as_json: bool, class_output: str | None, device: str
+    model: Path,
+    data: Path,
+    eps: float,
+    rounds: int,
+    trigger_steps: int,
+    seed: int,
+    as_json: bool,
+    class_output: str | None,
+    device: str,
 ) -> None:
-    """Trigger-free check: do adversarial neuron perturbations push clean inputs onto one label?"""
+    """Trigger-free check: do neuron perturbations push clean inputs onto one label, which needs a small trigger?"""
     from anp_onnx.scan import scan as run_scan
 
-    result = run_scan(model, data, eps=eps, rounds=rounds, seed=seed, device=device, class_output=class_output)
+    with ProgressBar(0, "trigger per label") as progress:
+
+        def on_label(label: int, labels: int) -> None:
+            progress.length = labels
+            progress.step(label)
+
+        result = run_scan(
+            model,
+            data,
+            eps=eps,
+            rounds=rounds,
+            trigger_steps=trigger_steps,
+            seed=seed,
+            device=device,
+            class_output=class_output,
+            on_label=on_label,
+        )
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
     verdict = "suspicious" if result.suspicious else "no sign of a backdoor"
     click.echo(f"{verdict}: score {result.score:.3f}, suspected target {result.suspected_target}")
+    click.echo(
+        f"target's trigger {result.size_ratio:.2f} x the median label's; "
+        f"{100 * result.target_share:.0f}% of the perturbation's errors land on it"
+    )
     click.echo(f"errors under perturbation {100 * result.error_rate:.1f}%; by label {result.label_histogram}")
+    click.echo(f"trigger size by label {result.trigger_sizes}")
 
 
 BATCH_EPILOG = (

@@ -1,8 +1,11 @@
-"""A trigger-free backdoor check: adversarial neuron perturbations flip a backdoored model's clean
-inputs mostly onto one label (the target), while a clean model's errors spread over many labels."""
+"""A trigger-free backdoor check from clean data: where adversarial neuron perturbations push clean
+inputs (a backdoored model's errors land mostly on the target, a clean model's spread out), and how
+small a trigger each label needs (a backdoor's target needs a much smaller one). No trigger of the
+attacker's is needed: the triggers are synthesised from the clean data for every label."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,23 +18,33 @@ from anp_onnx.errors import AnpError
 from anp_onnx.importer import GatedClassifier, import_model
 from anp_onnx.model import input_shape
 from anp_onnx.purify import load_prunable, resolve_device
-from anp_onnx.target import perturbation_errors, suspected_target
+from anp_onnx.target import perturbation_errors, suspected_target, weigh_evidence
+from anp_onnx.trigger import TriggerSettings, label_triggers
 
-SUSPICIOUS_SCORE = 0.3  # provisional: set from five bundled models (docs/METHOD.md)
+SUSPICIOUS_SCORE = 0.45  # above all 11 clean models measured (0.27-0.41), docs/METHOD.md
+TRIGGER_STEPS = 100  # per label; the sizes rank the labels alike from about 100 steps (docs/METHOD.md)
 
 
 @dataclass(frozen=True)
 class ScanResult:
-    """`score`: share of perturbation-induced errors that land on the most hit label."""
+    """`score`: the larger of the suspected target's share of the perturbation's errors and of one minus
+    its trigger's size over the median size (`anp_onnx.target.weigh_evidence`); `target_share` and
+    `size_ratio` are those two parts. `perturbation_target` is the label the perturbation alone names."""
 
     model: str
     score: float
     suspected_target: int
+    target_share: float
+    size_ratio: float
+    suspicious: bool
     error_rate: float
     label_histogram: list[int]
-    suspicious: bool
+    perturbation_target: int
+    trigger_sizes: list[float]
+    trigger_successes: list[float]
     eps: float
     rounds: int
+    trigger_steps: int
     device: str
 
     def as_dict(self) -> dict[str, object]:
@@ -44,27 +57,39 @@ def scan(
     *,
     eps: float = 0.4,
     rounds: int = 4,
+    trigger_steps: int = TRIGGER_STEPS,
     seed: int = 0,
     device: str = "auto",
     class_output: str | None = None,
+    on_label: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
-    """Perturb the neurons adversarially `rounds` times (a fresh random start each) and count where
-    the clean samples that become misclassified go."""
+    """Perturb the neurons adversarially `rounds` times (a fresh random start each) and count where the
+    clean samples that become misclassified go; synthesise a patch trigger for every label
+    (`on_label(label, labels)` after each); weigh both."""
     if rounds < 1:
         raise AnpError("--rounds must be at least 1")
+    if trigger_steps < 1:
+        raise AnpError("--trigger-steps must be at least 1")
     torch_device = resolve_device(device)
     classifier, x, y = calibrated_classifier(model_path, data_path, torch_device, seed, class_output)
     histogram, errors = perturbation_errors(classifier, x, y, eps, rounds, seed)
-    target, score = suspected_target(histogram)
+    triggers = label_triggers(classifier, x, y, TriggerSettings("patch", steps=trigger_steps, seed=seed), on_label)
+    evidence = weigh_evidence(histogram, [trigger.size for trigger in triggers])
     return ScanResult(
         model=str(model_path),
-        score=round(score, 4),
-        suspected_target=target,
+        score=round(evidence.score, 4),
+        suspected_target=evidence.label,
+        target_share=round(evidence.share, 4),
+        size_ratio=round(evidence.size_ratio, 4),
+        suspicious=evidence.score >= SUSPICIOUS_SCORE,
         error_rate=round(errors / (rounds * len(y)), 4),
         label_histogram=[int(count) for count in histogram],
-        suspicious=score >= SUSPICIOUS_SCORE,
+        perturbation_target=suspected_target(histogram)[0],
+        trigger_sizes=[round(trigger.size, 2) for trigger in triggers],
+        trigger_successes=[round(trigger.success, 4) for trigger in triggers],
         eps=eps,
         rounds=rounds,
+        trigger_steps=trigger_steps,
         device=str(torch_device),
     )
 

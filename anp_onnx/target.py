@@ -1,7 +1,15 @@
-"""Which label adversarial neuron perturbations push clean inputs onto: a backdoored model's errors
-under them land mostly on the attacker's target (Wu & Wang's observation), a clean model's spread out."""
+"""Which label a backdoor targets, from clean data only.
+
+Two signals: adversarial neuron perturbations push a backdoored model's clean inputs mostly onto the
+attacker's target (Wu & Wang's observation), a clean model's errors spread out; and the target is
+reached with a much smaller synthesised trigger than the other labels (Neural Cleanse's). The
+trigger sizes shortlist the labels, the perturbation's errors pick among them (`weigh_evidence`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +44,35 @@ def suspected_target(histogram: np.ndarray) -> tuple[int, float]:
     """The most hit label and its share of the errors (0 when there were none)."""
     target = int(np.argmax(histogram))
     return target, float(histogram[target] / max(1, histogram.sum()))
+
+
+SIZE_TIE = 0.05  # trigger sizes this close to the smallest are a tie (seed-to-seed noise, docs/METHOD.md)
+
+
+@dataclass(frozen=True)
+class TargetEvidence:
+    """`share`: the label's share of the perturbation's errors; `size_ratio`: its trigger's size over
+    the median size of all labels' triggers; `score`: the stronger of the two signals, the larger of
+    `share` and `1 - size_ratio`, in [0, 1] (either alone can fail: docs/METHOD.md)."""
+
+    label: int
+    share: float
+    size_ratio: float
+    score: float
+
+
+def weigh_evidence(histogram: np.ndarray, sizes: Sequence[float], tie: float = SIZE_TIE) -> TargetEvidence:
+    """The suspected target from both signals: the labels whose trigger is within `tie` of the
+    smallest are the shortlist, the one of them with most perturbation errors is the target.
+    `sizes[label]` is the trigger size of each label, `histogram` the perturbation errors per label."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    counts = np.pad(histogram, (0, max(0, len(sizes) - len(histogram))))[: len(sizes)]
+    shares = counts / max(1, int(counts.sum()))
+    shortlist = np.flatnonzero(sizes <= sizes.min() * (1 + tie))
+    label = int(shortlist[np.argmax(shares[shortlist])])
+    ratio = float(sizes[label] / np.median(sizes))
+    score = max(float(shares[label]), 1.0 - ratio, 0.0)
+    return TargetEvidence(label, float(shares[label]), ratio, score)
 
 
 def _add(left: np.ndarray, right: np.ndarray) -> np.ndarray:

@@ -120,6 +120,26 @@ def synthesise_trigger(
     return trigger
 
 
+def label_triggers(
+    classifier: GatedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: TriggerSettings,
+    on_label: Callable[[int, int], None] | None = None,
+) -> list[Trigger]:
+    """A trigger for every label the classifier outputs, in label order; `on_label(label, labels)`
+    after each one."""
+    classifier.eval()
+    with torch.no_grad():
+        labels = int(classifier(x[:1]).shape[1])
+    triggers = []
+    for label in range(labels):
+        triggers.append(synthesise_trigger(classifier, x, y, label, settings))
+        if on_label is not None:
+            on_label(label, labels)
+    return triggers
+
+
 def hit_rate(classifier: GatedClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     """Share of `inputs` the classifier puts on their label."""
     hits = 0

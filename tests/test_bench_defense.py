@@ -4,6 +4,7 @@ with a real BadNets backdoor, one clean), cached where the bench looks, then eve
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_bench_measures_every_defence_on_the_backdoored_model(bench_run: tuple[P
         written = Evaluator(cache_dir / "purified" / f"badnets_mlp.{file}.onnx", "cpu").measure(test, poison)
         assert (written.acc, written.asr) == (cell[method]["acc"], cell[method]["asr"])
     assert cell["anp"]["iterations_run"] <= 20
-    assert cell["guided"]["guided"]["suspected_target"] == cell["scan"]["suspected_target"]
+    assert cell["guided"]["guided"]["suspected_target"] == cell["scan"]["perturbation_target"]
     assert cell["seconds"] >= sum(cell[method]["seconds"] for method in files)
 
 
@@ -124,6 +125,23 @@ def test_bench_scores_both_models_and_derives_auroc_and_hit_rate(bench_run: tupl
     summary = results["scan_summary"]
     assert summary["auroc"] == (1.0 if cell["scan"]["score"] > clean["scan"]["score"] else 0.0)
     assert summary["target_hit_rate"] == float(cell["scan"]["suspected_target"] == cell["target"])
+
+
+def test_rescan_measures_the_scan_again_and_keeps_the_defence_numbers(
+    bench_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    cache_dir, out_dir, results = bench_run
+    copy = tmp_path / "out"
+    shutil.copytree(out_dir, copy)
+    arguments = ["--rescan", "--cells", "badnets_mlp", "--epochs", str(EPOCHS), "--device", "cpu"]
+    outcome = CliRunner().invoke(main, [*arguments, "--cache-dir", str(cache_dir), "--out", str(copy)])
+    assert outcome.exit_code == 0, outcome.output
+    again = json.loads((copy / "results.json").read_text())
+    assert again["scan_remeasured"]["command"].startswith("tools/bench_defense.py")
+    (cell,), (clean,) = again["cells"], again["clean_models"]
+    assert cell["guided"] == results["cells"][0]["guided"] and cell["fp"] == results["cells"][0]["fp"]
+    assert cell["scan"]["trigger_sizes"] == results["cells"][0]["scan"]["trigger_sizes"]  # the same seed
+    assert clean["scan"]["seconds"] > 0 and "measured again by" in (copy / "RESULTS.md").read_text()
 
 
 def test_bench_writes_the_tables_and_the_threshold_figure(bench_run: tuple[Path, Path, dict]) -> None:

@@ -1,3 +1,8 @@
+"""`anp-onnx scan` on the bundled examples (tools/make_examples.py trains them): the backdoored one is
+flagged with its true target, the clean one of the same recipe is not; and on a test model, the
+report's parts are consistent and reproducible."""
+
+import json
 from pathlib import Path
 
 import pytest
@@ -5,7 +10,7 @@ from click.testing import CliRunner
 
 from anp_onnx.cli import main
 from anp_onnx.errors import AnpError
-from anp_onnx.scan import scan
+from anp_onnx.scan import SUSPICIOUS_SCORE, TRIGGER_STEPS, scan
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -13,25 +18,42 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_a_backdoored_example_is_flagged_with_its_true_target():
     folder = EXAMPLES / "badnets_resnet_bn"
     result = scan(folder / "model.onnx", folder / "clean.npz", rounds=2)
-    assert result.suspicious and result.suspected_target == 0
-    assert result.score > 0.8
+    true_target = json.loads((folder / "meta.json").read_text())["target"]
+    assert result.suspicious and result.suspected_target == true_target == 0
+    assert result.trigger_sizes[0] == min(result.trigger_sizes)
+    assert result.target_share > 0.8 and result.size_ratio < 0.7
+    assert result.score > SUSPICIOUS_SCORE + 0.2
 
 
 def test_the_clean_control_model_is_not_flagged():
     folder = EXAMPLES / "clean_resnet_bn"
     result = scan(folder / "model.onnx", folder / "clean.npz", rounds=2)
     assert not result.suspicious
-    assert result.score < 0.3
+    assert result.score < SUSPICIOUS_SCORE - 0.1
 
 
-def test_scan_is_reproducible_from_the_seed(models, image_samples):
-    first = scan(models["folded"], image_samples, rounds=1, seed=3)
-    assert first == scan(models["folded"], image_samples, rounds=1, seed=3)
+def test_scan_is_reproducible_from_the_seed_and_reports_a_trigger_per_label(models, image_samples):
+    first = scan(models["folded"], image_samples, rounds=1, trigger_steps=5, seed=3)
+    assert first == scan(models["folded"], image_samples, rounds=1, trigger_steps=5, seed=3)
     assert sum(first.label_histogram) == round(first.error_rate * 64)
+    assert len(first.trigger_sizes) == len(first.trigger_successes) == 4  # the test model's classes
+    assert first.trigger_steps == 5 and 0 <= first.score <= 1
 
 
-def test_scan_prints_a_verdict_and_refuses_bad_options(models, image_samples):
-    result = CliRunner().invoke(main, ["scan", str(models["folded"]), "--data", str(image_samples), "--rounds", "1"])
-    assert result.exit_code == 0 and "score" in result.output
+def test_scan_prints_a_verdict_with_progress_and_refuses_bad_options(models, image_samples):
+    arguments = ["scan", str(models["folded"]), "--data", str(image_samples), "--rounds", "1", "--trigger-steps", "3"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0
+    assert "score" in result.stdout and "trigger size by label" in result.stdout
+    assert "trigger per label: 4/4" in result.stderr
+    as_json = json.loads(CliRunner().invoke(main, [*arguments, "--json"]).stdout)
+    assert as_json["trigger_steps"] == 3 and len(as_json["trigger_sizes"]) == 4
     with pytest.raises(AnpError, match="rounds"):
         scan(models["folded"], image_samples, rounds=0)
+    with pytest.raises(AnpError, match="trigger-steps"):
+        scan(models["folded"], image_samples, trigger_steps=0)
+
+
+def test_the_command_line_default_is_the_scans():
+    option = next(param for param in main.commands["scan"].params if param.name == "trigger_steps")
+    assert option.default == TRIGGER_STEPS

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.trigger_size_study import anomaly_index, main  # noqa: E402
+from tools.trigger_size_study import anomaly_index, main, score_rules  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
 
@@ -40,5 +40,17 @@ def test_study_writes_one_line_per_model_with_a_trigger_per_label_and_resumes(tm
     assert sum(row["histogram"]) == row["errors"]
 
     second = CliRunner().invoke(main, arguments)
-    assert second.exit_code == 0 and second.output == ""
+    assert second.exit_code == 0 and "badnets_resnet_bn:" not in second.output  # nothing measured again
     assert out.read_text().count("\n") == 1
+    assert "scan (both):" in second.output and "perturbation share:" in second.output
+
+
+def test_each_rule_is_scored_by_auroc_and_target_hit_rate() -> None:
+    backdoored = {"true_target": 1, "histogram": [1, 8, 1], "sizes": [90.0, 30.0, 100.0]}
+    backdoored |= {"smallest_label": 1, "min_to_median": 1 / 3}
+    clean = {"true_target": None, "histogram": [4, 3, 3], "sizes": [80.0, 90.0, 100.0]}
+    clean |= {"smallest_label": 0, "min_to_median": 80 / 90}
+    scored = score_rules([backdoored, clean])
+    for name in ("perturbation share", "smallest trigger", "scan (both)"):
+        assert scored[name]["auroc"] == 1.0 and scored[name]["target_hit_rate"] == 1.0
+    assert scored["scan (both)"]["lowest_backdoored"] > scored["scan (both)"]["highest_clean"]

@@ -108,8 +108,9 @@ def pruning_table(cells: Sequence[dict]) -> list[str]:
 
 
 def scan_table(cells: Sequence[dict], clean: Sequence[dict]) -> list[str]:
-    header = ["model", "backdoored", "true target", "score", "suspected target", "hit", "errors under perturbation"]
-    lines = [_row(header), _row(["---", "---", "---:", "---:", "---:", "---", "---:"])]
+    header = ["model", "backdoored", "true target", "score", "suspected target", "hit"]
+    header += ["its share of perturbation errors", "its trigger / median", "perturbation alone names"]
+    lines = [_row(header), _row(["---", "---", "---:", "---:", "---:", "---", "---:", "---:", "---:"])]
     for model in [*cells, *clean]:
         scan = model.get("scan")
         if not scan:
@@ -118,8 +119,14 @@ def scan_table(cells: Sequence[dict], clean: Sequence[dict]) -> list[str]:
         hit = ("yes" if scan["suspected_target"] == model["target"] else "no") if backdoored else ""
         target = str(model["target"]) if backdoored else ""
         row = [model["name"], "yes" if backdoored else "no", target, f"{scan['score']:.3f}"]
-        lines.append(_row([*row, str(scan["suspected_target"]), hit, _pct(scan["error_rate"])]))
+        row += [str(scan["suspected_target"]), hit, _pct(scan.get("target_share"))]
+        row += [_ratio(scan.get("size_ratio")), str(scan.get("perturbation_target", "–"))]
+        lines.append(_row(row))
     return lines
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def comparison_lines(summary: dict[str, dict]) -> list[str]:
@@ -172,7 +179,7 @@ def results_markdown(results: dict) -> str:
         f"- **ANP masks**: the same with `method='anp'`, the paper's loop and threshold ({settings['anp_note']}).",
         f"- **Fine-Pruning** (pruning only): {settings['fp_note']}",
         f"- **CLP**: {settings['clp_note']}",
-        "- **scan**: `anp_onnx.scan.scan` with its defaults, on each model's 500 clean images.",
+        f"- **scan**: `anp_onnx.scan.scan` with its defaults, on each model's 500 clean images{_rescan_note(results)}.",
         "",
         "## ACC / ASR before and after each defence",
         "",
@@ -204,7 +211,17 @@ def results_markdown(results: dict) -> str:
         )
     else:
         lines.append("No AUROC: this invocation scanned no backdoored or no clean model.")
-    lines += ["", *scan_table(cells, clean), ""]
+    lines += [
+        "",
+        "Suspected target: the label whose synthesised patch trigger is smallest, the perturbation's errors "
+        "deciding between labels whose sizes are within 5% of it; score: the larger of that label's share of "
+        "the errors under adversarial neuron perturbations and of one minus its trigger's size over the "
+        "median label's (`anp_onnx.target.weigh_evidence`). The last column is the label the perturbation "
+        "alone would name (the scan before the triggers).",
+        "",
+        *scan_table(cells, clean),
+        "",
+    ]
     if results.get("plot"):
         plot = results["plot"]
         lines += [
@@ -229,6 +246,13 @@ def results_markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _rescan_note(results: dict) -> str:
+    again = results.get("scan_remeasured")
+    if not again:
+        return ""
+    return f" (measured again by `{again['command']}` on {again['machine']}, {again['finished']})"
 
 
 def write_results(results: dict, out_dir: Path, markdown_name: str = "RESULTS.md") -> None:
