@@ -6,6 +6,7 @@ ANP := $(VENV)/bin/anp-onnx
 INSTALLED := $(VENV)/.installed
 EXAMPLE := examples/badnets_resnet_bn
 OUT := out
+BENCH_JOBS ?= 2  # models measured side by side by make bench (one torch thread each on the 2-core machine)
 
 .PHONY: install demo test test-slow fuzz lint format fashion-mnist examples bench bench-speed clean
 
@@ -56,7 +57,7 @@ examples: $(INSTALLED) fashion-mnist
 # on every model; writes docs/RESULTS.md, docs/results.json and the threshold figure. Options:
 # `$(PY) tools/bench_defense.py --help` (e.g. --cells, --iterations, --methods).
 bench: $(INSTALLED) fashion-mnist
-	$(PY) tools/bench_defense.py
+	$(PY) tools/bench_defense.py --jobs $(BENCH_JOBS)
 
 # Cost of one ANP iteration in plain training steps, against a reference-style loop, and
 # onnxruntime evaluation throughput (issue 6); prints ratios measured side by side.

@@ -70,7 +70,12 @@ class ProgressBar:
         self.length, self.label, self.bar = length, label, None
         self.done = 0
 
-    def step(self, _iteration: int) -> None:
+    def advance(self, done: int, total: int) -> None:
+        """`done` of `total` steps are done (the total may be known only once the work has begun)."""
+        self.length = total
+        self.step()
+
+    def step(self, _iteration: int = 0) -> None:
         self.done += 1
         if not sys.stderr.isatty():
             if self.done == self.length or self.done % max(1, self.length // 10) == 0:
@@ -206,7 +211,7 @@ def purify(
 ) -> None:
     """Find the backdoor's neurons from clean data, prune them, and write the purified model."""
     from anp_onnx.anp import AnpSettings
-    from anp_onnx.purify import PruningChoice, progress_steps
+    from anp_onnx.purify import PruningChoice, progress_label
     from anp_onnx.purify import purify as run_purify
     from anp_onnx.report import before_after_table, percent, purify_report, write_json
 
@@ -229,7 +234,7 @@ def purify(
     pruning = PruningChoice(
         threshold=threshold, fraction=prune_fraction, count=prune_count, max_acc_drop=max_acc_drop, holdout=holdout
     )
-    with ProgressBar(*progress_steps(settings)) as progress:
+    with ProgressBar(0, progress_label(settings)) as progress:
         result = run_purify(
             model,
             data,
@@ -241,7 +246,7 @@ def purify(
             device=device,
             force=force,
             early_stop=early_stop,
-            on_iteration=progress.step,
+            on_progress=progress.advance,
             class_output=class_output,
         )
     summary = purify_report(result)
@@ -250,8 +255,9 @@ def purify(
     if result.guided is not None:
         guided = result.guided
         click.echo(
-            f"suspected target {guided['suspected_target']} ({100 * guided['target_share']:.0f}% of the perturbation's "
-            f"errors); synthetic trigger ASR {percent(guided['synthetic_asr_before'])} -> "
+            f"suspected target {guided['suspected_target']} (its trigger {guided['size_ratio']:.2f} x the median "
+            f"label's, {100 * guided['target_share']:.0f}% of the perturbation's errors); "
+            f"synthetic trigger ASR {percent(guided['synthetic_asr_before'])} -> "
             f"{percent(guided['synthetic_asr_after'])}; stopped: {guided['stopped_because']}"
         )
     elif result.iterations_run < iterations:
@@ -332,8 +338,7 @@ def scan(
     with ProgressBar(0, "trigger per label") as progress:
 
         def on_label(label: int, labels: int) -> None:
-            progress.length = labels
-            progress.step(label)
+            progress.advance(label + 1, labels)
 
         result = run_scan(
             model,

@@ -1,49 +1,74 @@
-"""Trigger-guided pruning (`--method trigger`, the default): ANP's adversarial neuron perturbation
-names the suspected target label, a trigger for that label is synthesised from the clean data, and
-the neurons that trigger relies on are pruned one at a time within a clean-accuracy budget.
+"""Trigger-guided pruning (`--method trigger`, the default): the backdoor's target label is named from
+clean data (as `anp-onnx scan` does: adversarial neuron perturbations and a trigger per label), triggers
+for that label are synthesised, masks are unlearned against them, and the neurons the triggers rely on
+are pruned one at a time within a clean-accuracy budget.
 
 Why not the masks alone: on narrow networks ANP's masks do not isolate the backdoor neurons
-(docs/METHOD.md); the perturbation's errors still point at the target label reliably, and a trigger
-synthesised for it gives a clean-data stand-in for the attack that pruning can be judged against.
+(docs/METHOD.md); the perturbation's errors and the triggers' sizes still point at the target label, and
+triggers synthesised for it give a clean-data stand-in for the attack that pruning can be judged against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from anp_onnx.anp import AnpSettings
 from anp_onnx.importer import GatedClassifier
 from anp_onnx.prune import PruningPlan
-from anp_onnx.target import perturbation_errors, suspected_target
+from anp_onnx.target import LABEL_TRIGGER_STEPS, TargetSearch, search_target
 from anp_onnx.trigger import Trigger, TriggerSettings, synthesise_trigger
 from anp_onnx.trigger_pruning import TriggerPruningResult, TriggerPruningSettings, prune_against_trigger
+from anp_onnx.unlearning import UnlearningSettings, unlearning_ranking
 
-TARGET_ROUNDS = 4  # adversarial neuron perturbations whose errors name the target (as `anp-onnx scan`)
 DEFAULT_MAX_ACC_DROP = TriggerPruningSettings().max_acc_drop  # the budget, on the clean data given
-TRIGGER_KINDS = ("patch",)  # adding "blend" made Blend cells worse (docs/METHOD.md)
+BLEND_STEPS = 200  # the blend's opacity ranks labels alike from 200 steps as from 400 (docs/METHOD.md)
+ANOMALOUS_BLEND = 0.5  # the blend is pruned against when the target's opacity is at most this x a typical label's
 
 
 @dataclass
 class GuidedResult:
-    target: int
-    target_share: float  # share of the perturbation's errors on the target
+    """`triggers`: the ones pruned against (the patch, and the blend when anomalous); `blend_reference`:
+    the blend synthesised for a typical label, which the target's is compared with."""
+
+    search: TargetSearch
     triggers: list[Trigger]
+    blend_reference: Trigger
     pruning: TriggerPruningResult
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+
+    @property
+    def target(self) -> int:
+        return self.search.evidence.label
 
     @property
     def plan(self) -> PruningPlan:
         return self.pruning.plan
 
     def summary(self) -> dict[str, object]:
+        evidence = self.search.evidence
         return {
             "suspected_target": self.target,
-            "target_share": round(self.target_share, 4),
+            "target_share": round(evidence.share, 4),
+            "size_ratio": round(evidence.size_ratio, 4),
+            "score": round(evidence.score, 4),
+            "error_rate": round(self.search.error_rate, 4),
+            "label_histogram": [int(count) for count in self.search.histogram],
+            "label_trigger_sizes": [round(size, 2) for size in self.search.sizes],
             "triggers": [trigger.summary() for trigger in self.triggers],
+            "blend_reference": self.blend_reference.summary(),
             **self.pruning.summary(),
+            "stage_seconds": self.seconds,
         }
+
+
+def guided_steps(labels: int) -> int:
+    """How many steps `guided_prune` reports through `on_step` for a classifier with `labels` classes."""
+    return labels * LABEL_TRIGGER_STEPS + TriggerSettings().steps + 2 * BLEND_STEPS + UnlearningSettings().steps
 
 
 def guided_prune(
@@ -52,19 +77,41 @@ def guided_prune(
     y: torch.Tensor,
     settings: AnpSettings,
     max_acc_drop: float | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> GuidedResult:
-    """The three stages on calibrated `classifier` (`anp.calibrate`) and clean `x, y`; its masks end hard."""
-    histogram, _ = perturbation_errors(classifier, x, y, settings.eps, TARGET_ROUNDS, settings.seed)
-    target, share = suspected_target(histogram)
-    triggers = []
-    for number, kind in enumerate(TRIGGER_KINDS):
-        trigger_settings = TriggerSettings(kind, seed=settings.seed)
-        offset = number * trigger_settings.steps  # progress counts the steps of all triggers in a row
-        progress = (lambda step, offset=offset: on_step(offset + step)) if on_step else None
-        triggers.append(synthesise_trigger(classifier, x, y, target, trigger_settings, progress))
+    """The stages on calibrated `classifier` (`anp.calibrate`) and clean `x, y`; its masks end hard.
+    `on_step()` after each of the `guided_steps` steps of trigger synthesis and unlearning."""
+    step = (lambda *_: on_step()) if on_step else None
+    label_progress = (lambda *_: [on_step() for _ in range(LABEL_TRIGGER_STEPS)]) if on_step else None
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "target"):
+        search = search_target(classifier, x, y, eps=settings.eps, seed=settings.seed, on_label=label_progress)
+    target = search.evidence.label
+    with _timed(seconds, "triggers"):
+        triggers = [synthesise_trigger(classifier, x, y, target, TriggerSettings("patch", seed=settings.seed), step)]
+        blend_settings = TriggerSettings("blend", steps=BLEND_STEPS, seed=settings.seed)
+        blend = synthesise_trigger(classifier, x, y, target, blend_settings, step)
+        reference = synthesise_trigger(classifier, x, y, typical_label(search), blend_settings, step)
+        if blend.size <= ANOMALOUS_BLEND * reference.size:
+            triggers.append(blend)
+    with _timed(seconds, "unlearning"):
+        ranking = unlearning_ranking(classifier, x, y, triggers, UnlearningSettings(seed=settings.seed), step)
     pruning_settings = (
         TriggerPruningSettings() if max_acc_drop is None else TriggerPruningSettings(max_acc_drop=max_acc_drop)
     )
-    pruning = prune_against_trigger(classifier, x, y, triggers, pruning_settings)
-    return GuidedResult(target, share, triggers, pruning)
+    with _timed(seconds, "pruning"):
+        pruning = prune_against_trigger(classifier, x, y, triggers, pruning_settings, ranking=ranking)
+    return GuidedResult(search, triggers, reference, pruning, seconds)
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[stage] = round(time.perf_counter() - start, 3)
+
+
+def typical_label(search: TargetSearch) -> int:
+    """The label whose patch trigger has the median size (the upper one of an even count)."""
+    ranked = sorted(range(len(search.sizes)), key=lambda label: search.sizes[label])
+    return ranked[len(ranked) // 2]

@@ -17,13 +17,13 @@ from anp_onnx.anp import AnpSettings
 from anp_onnx.data import SampleFile, Samples, load_samples, open_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.evaluate import Evaluator, Metrics
-from anp_onnx.guided import TRIGGER_KINDS, GuidedResult, guided_prune
+from anp_onnx.guided import GuidedResult, guided_prune, guided_steps
 from anp_onnx.importer import check_equivalence, hard_masks, import_model
 from anp_onnx.model import check_supported, class_output_index, input_shape, load_model
 from anp_onnx.neurons import NeuronMap, build_neuron_map
 from anp_onnx.prune import MaskValues, PruningPlan
 from anp_onnx.rewrite import apply_plan, save_model
-from anp_onnx.trigger import TriggerSettings, as_numpy
+from anp_onnx.trigger import as_numpy
 
 CHECK_SAMPLES = 16
 
@@ -79,11 +79,20 @@ class PurifyResult:
     triggers: list[dict[str, np.ndarray]] = field(default_factory=list)  # their mask and pattern arrays
 
 
-def progress_steps(settings: AnpSettings) -> tuple[int, str]:
-    """How many steps `on_iteration` reports for these settings, and what they are."""
-    if settings.method == "trigger":
-        return len(TRIGGER_KINDS) * TriggerSettings().steps, "synthesising triggers"
-    return settings.iterations, "optimising masks"
+def progress_label(settings: AnpSettings) -> str:
+    """What the steps `on_progress` reports are, for these settings."""
+    return "synthesising triggers" if settings.method == "trigger" else "optimising masks"
+
+
+def _step_counter(on_progress: Callable[[int, int], None], total: int) -> Callable[[], None]:
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        on_progress(done, total)
+
+    return step
 
 
 def default_output(model_path: Path) -> Path:
@@ -131,11 +140,12 @@ def purify(
     device: str = "auto",
     force: bool = False,
     early_stop: bool = True,
-    on_iteration: Callable[[int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     class_output: str | None = None,
 ) -> PurifyResult:
     """Purify one model; returns everything the CLI prints and the report holds. `class_output`
-    names the graph output holding the classes (default: the first)."""
+    names the graph output holding the classes (default: the first). `on_progress(done, total)`
+    after each step of the optimisation (`progress_label` says what they are)."""
     settings, pruning = settings or AnpSettings(), pruning or PruningChoice()
     model_path = Path(model_path)
     output = Path(output_path) if output_path else default_output(model_path)
@@ -173,14 +183,16 @@ def purify(
         if settings.method == "trigger":
             x, y = anp.tensors(clean.x, clean.y, torch_device)
             anp.calibrate(classifier, x, settings)
-            guided = guided_prune(classifier, x, y, settings, pruning.max_acc_drop, on_iteration)
+            step = _step_counter(on_progress, guided_steps(classes)) if on_progress else None
+            guided = guided_prune(classifier, x, y, settings, pruning.max_acc_drop, step)
             values = anp.mask_values(classifier)
         else:
             optimise_on, held_out = split_holdout(clean, pruning, settings.seed)
             x, y = anp.tensors(optimise_on.x, optimise_on.y, torch_device)
             anp.calibrate(classifier, x, settings)
             stop = anp.StopWhenStable(pruning.settled) if early_stop else None
-            values = anp.optimise_masks(classifier, x, y, settings, on_iteration, stop)
+            step = _step_counter(on_progress, settings.iterations) if on_progress else None
+            values = anp.optimise_masks(classifier, x, y, settings, step and (lambda _: step()), stop)
 
     with _timed(timings, "rewrite"):
         if guided is not None:

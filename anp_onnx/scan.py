@@ -18,11 +18,10 @@ from anp_onnx.errors import AnpError
 from anp_onnx.importer import GatedClassifier, import_model
 from anp_onnx.model import input_shape
 from anp_onnx.purify import load_prunable, resolve_device
-from anp_onnx.target import perturbation_errors, suspected_target, weigh_evidence
-from anp_onnx.trigger import TriggerSettings, label_triggers
+from anp_onnx.target import LABEL_TRIGGER_STEPS, PERTURBATION_ROUNDS, search_target, suspected_target
 
 SUSPICIOUS_SCORE = 0.45  # above all 11 clean models measured (0.27-0.41), docs/METHOD.md
-TRIGGER_STEPS = 100  # per label; the sizes rank the labels alike from about 100 steps (docs/METHOD.md)
+TRIGGER_STEPS = LABEL_TRIGGER_STEPS
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def scan(
     data_path: str | Path,
     *,
     eps: float = 0.4,
-    rounds: int = 4,
+    rounds: int = PERTURBATION_ROUNDS,
     trigger_steps: int = TRIGGER_STEPS,
     seed: int = 0,
     device: str = "auto",
@@ -72,9 +71,10 @@ def scan(
         raise AnpError("--trigger-steps must be at least 1")
     torch_device = resolve_device(device)
     classifier, x, y = calibrated_classifier(model_path, data_path, torch_device, seed, class_output)
-    histogram, errors = perturbation_errors(classifier, x, y, eps, rounds, seed)
-    triggers = label_triggers(classifier, x, y, TriggerSettings("patch", steps=trigger_steps, seed=seed), on_label)
-    evidence = weigh_evidence(histogram, [trigger.size for trigger in triggers])
+    search = search_target(
+        classifier, x, y, eps=eps, rounds=rounds, trigger_steps=trigger_steps, seed=seed, on_label=on_label
+    )
+    evidence, histogram, triggers = search.evidence, search.histogram, search.triggers
     return ScanResult(
         model=str(model_path),
         score=round(evidence.score, 4),
@@ -82,7 +82,7 @@ def scan(
         target_share=round(evidence.share, 4),
         size_ratio=round(evidence.size_ratio, 4),
         suspicious=evidence.score >= SUSPICIOUS_SCORE,
-        error_rate=round(errors / (rounds * len(y)), 4),
+        error_rate=round(search.error_rate, 4),
         label_histogram=[int(count) for count in histogram],
         perturbation_target=suspected_target(histogram)[0],
         trigger_sizes=[round(trigger.size, 2) for trigger in triggers],

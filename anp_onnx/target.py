@@ -8,7 +8,7 @@ trigger sizes shortlist the labels, the perturbation's errors pick among them (`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +16,10 @@ import torch
 
 from anp_onnx import anp
 from anp_onnx.importer import GatedClassifier
+from anp_onnx.trigger import Trigger, TriggerSettings, label_triggers
+
+PERTURBATION_ROUNDS = 4  # adversarial neuron perturbations whose errors are counted
+LABEL_TRIGGER_STEPS = 100  # per label; the sizes rank the labels alike from about 100 steps (docs/METHOD.md)
 
 
 def perturbation_errors(
@@ -78,3 +82,38 @@ def weigh_evidence(histogram: np.ndarray, sizes: Sequence[float], tie: float = S
 def _add(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     size = max(len(left), len(right))
     return np.pad(left, (0, size - len(left))) + np.pad(right, (0, size - len(right)))
+
+
+@dataclass(frozen=True)
+class TargetSearch:
+    """Both signals for every label and the verdict: `histogram[label]` counts the perturbation's errors
+    that land on it (`errors` in all), `triggers[label]` is the patch trigger synthesised for it."""
+
+    evidence: TargetEvidence
+    histogram: np.ndarray
+    errors: int
+    triggers: list[Trigger]
+    error_rate: float  # errors per perturbed sample
+
+    @property
+    def sizes(self) -> list[float]:
+        return [trigger.size for trigger in self.triggers]
+
+
+def search_target(
+    classifier: GatedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    rounds: int = PERTURBATION_ROUNDS,
+    trigger_steps: int = LABEL_TRIGGER_STEPS,
+    seed: int = 0,
+    on_label: Callable[[int, int], None] | None = None,
+) -> TargetSearch:
+    """The suspected target of calibrated `classifier` (`anp.calibrate`) from clean `x, y`: adversarial
+    neuron perturbations, a patch trigger for every label (`on_label(label, labels)` after each), weighed."""
+    histogram, errors = perturbation_errors(classifier, x, y, eps, rounds, seed)
+    triggers = label_triggers(classifier, x, y, TriggerSettings("patch", steps=trigger_steps, seed=seed), on_label)
+    evidence = weigh_evidence(histogram, [trigger.size for trigger in triggers])
+    return TargetSearch(evidence, histogram, errors, triggers, errors / (rounds * len(y)))

@@ -1,8 +1,10 @@
 """Prune, one neuron at a time, what synthetic triggers rely on, within a clean-accuracy budget.
 
 Each round ranks the unpruned neurons by how much a synthetic trigger raises their activation
-(z-score within their layer, the largest over the triggers), tries the top `candidates` one by one
-with the others' current state, and prunes the one that leaves the lowest `synthetic ASR + clean
+(z-score within their layer, the largest over the triggers), takes the top `candidates` and, when a
+ranking is given (`unlearning.py`: masks unlearned against the triggers), the first
+`ranked_candidates` unpruned neurons of it too, tries them one by one with the others' current
+state, and prunes the one that leaves the lowest `synthetic ASR + clean
 accuracy drop`, where the synthetic ASR is the highest over the triggers. It stops when the
 synthetic ASR is at most `max_asr`, when the best candidate would cost more than `max_acc_drop` of
 clean accuracy (that candidate is not pruned), or after `max_rounds`. Only clean data decides: the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
@@ -23,7 +26,10 @@ from anp_onnx.trigger import Trigger, hit_rate
 
 @dataclass(frozen=True)
 class TriggerPruningSettings:
-    candidates: int = 48
+    candidates: int = 48  # by activation rise
+    ranked_candidates: int = 16  # from the given ranking
+    screen_samples: int = 200  # candidates are screened on this many clean and stamped samples each,
+    finalists: int = 4  # and this many of the best screened are measured on all of them
     max_asr: float = 0.05
     max_acc_drop: float = 0.03
     max_rounds: int = 40
@@ -66,8 +72,10 @@ def prune_against_trigger(
     triggers: Trigger | list[Trigger],
     settings: TriggerPruningSettings | None = None,
     on_round: Callable[[PruningRound], None] | None = None,
+    ranking: list[tuple[int, int]] | None = None,
 ) -> TriggerPruningResult:
-    """Greedy pruning on clean data `x, y` against `triggers`; the classifier's masks end hard (0/1)."""
+    """Greedy pruning on clean data `x, y` against `triggers`; the classifier's masks end hard (0/1).
+    `ranking` lists (gate index, channel) pairs, the most suspect first."""
     settings = settings or TriggerPruningSettings()
     triggers = [triggers] if isinstance(triggers, Trigger) else triggers
     clean_inputs = [x[y != trigger.target] for trigger in triggers]
@@ -80,11 +88,16 @@ def prune_against_trigger(
     hard_masks(classifier, PruningPlan("none", ()))
     classifier.eval()
 
-    def measure() -> tuple[float, float]:
-        asr = max(hit_rate(classifier, batch, target) for batch, target in zip(stamped, targets, strict=True))
-        return hit_rate(classifier, x, y), asr
+    screen = settings.screen_samples
+
+    def measure(limit: int | None = None) -> tuple[float, float]:
+        asr = max(
+            hit_rate(classifier, batch[:limit], target[:limit]) for batch, target in zip(stamped, targets, strict=True)
+        )
+        return hit_rate(classifier, x[:limit], y[:limit]), asr
 
     baseline, synthetic = measure()
+    screen_baseline = measure(screen)[0]
     result = TriggerPruningResult(PruningPlan("trigger", ()), baseline, synthetic)
     pruned: list[PrunedNeuron] = []
     while True:
@@ -94,15 +107,18 @@ def prune_against_trigger(
         if len(pruned) >= settings.max_rounds:
             result.stopped_because = f"{settings.max_rounds} rounds"
             break
+        candidates = _ranked_by_rise(classifier, clean_inputs, stamped)[: settings.candidates]
+        if ranking:
+            unpruned = [neuron for neuron in ranking if classifier.gates[neuron[0]].mask[neuron[1]] != 0]
+            candidates = list(dict.fromkeys(candidates + unpruned[: settings.ranked_candidates]))
+        screened = sorted(
+            candidates,
+            key=lambda neuron: _score(*_measure_pruned(pairs, neuron, partial(measure, screen)), screen_baseline),
+        )
         best: tuple[float, int, int, float, float] | None = None
-        for layer_index, channel in _ranked_by_rise(classifier, clean_inputs, stamped)[: settings.candidates]:
-            gate = pairs[layer_index][1]
-            with torch.no_grad():
-                gate.mask[channel] = 0.0
-            accuracy, asr = measure()
-            with torch.no_grad():
-                gate.mask[channel] = 1.0
-            score = asr + max(0.0, baseline - accuracy)
+        for layer_index, channel in screened[: settings.finalists]:
+            accuracy, asr = _measure_pruned(pairs, (layer_index, channel), measure)
+            score = _score(accuracy, asr, baseline)
             if best is None or score < best[0]:
                 best = (score, layer_index, channel, accuracy, asr)
         if best is None:
@@ -125,6 +141,25 @@ def prune_against_trigger(
         f"trigger: synthetic ASR <= {settings.max_asr:g}, clean ACC drop <= {settings.max_acc_drop:g}", tuple(pruned)
     )
     return result
+
+
+def _score(accuracy: float, asr: float, baseline: float) -> float:
+    """What a round minimises: the synthetic ASR plus the clean accuracy lost."""
+    return asr + max(0.0, baseline - accuracy)
+
+
+def _measure_pruned(
+    pairs: list, neuron: tuple[int, int], measure: Callable[[], tuple[float, float]]
+) -> tuple[float, float]:
+    """`measure()` with one more neuron pruned; the neuron is restored after."""
+    gate = pairs[neuron[0]][1]
+    with torch.no_grad():
+        gate.mask[neuron[1]] = 0.0
+    try:
+        return measure()
+    finally:
+        with torch.no_grad():
+            gate.mask[neuron[1]] = 1.0
 
 
 def _ranked_by_rise(

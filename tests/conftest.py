@@ -136,3 +136,29 @@ def default_sigint() -> None:
     into KeyboardInterrupt even when the suite itself was started with SIGINT ignored (`cmd &` in a
     non-interactive shell), which children would inherit."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="session")
+def calibrated_example():
+    """A function: the bundled example `name` (tools/make_examples.py) imported and calibrated as purify
+    does it, with its clean samples as tensors: (classifier, x, y). A fresh classifier each call."""
+    from anp_onnx import anp
+    from anp_onnx.anp import AnpSettings
+    from anp_onnx.data import load_samples
+    from anp_onnx.importer import import_model
+    from anp_onnx.model import input_shape
+    from anp_onnx.purify import load_prunable
+
+    def load(name: str):
+        folder = EXAMPLES / name
+        model, neuron_map, output_index = load_prunable(folder / "model.onnx", None)
+        clean = load_samples(folder / "clean.npz", input_shape(model))
+        classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index)
+        x, y = anp.tensors(clean.x, clean.y, torch.device("cpu"))
+        anp.calibrate(classifier, x, AnpSettings())
+        return classifier, x, y
+
+    return load

@@ -1,6 +1,7 @@
 """Trigger-guided pruning (purify's default method) on the bundled backdoored examples, which
-tools/make_examples.py trains: the perturbation names the target, the trigger synthesised for it
-reaches the target with a small mask, and pruning against it removes the real backdoor."""
+tools/make_examples.py trains: the perturbation and the triggers' sizes name the target, the trigger
+synthesised for it reaches the target with a small mask, a blended-in backdoor shows in a blend
+trigger's opacity, and pruning against the triggers removes the real backdoor."""
 
 import json
 from pathlib import Path
@@ -9,13 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from anp_onnx import anp
-from anp_onnx.anp import AnpSettings
 from anp_onnx.cli import main
-from anp_onnx.data import load_samples
-from anp_onnx.importer import import_model
-from anp_onnx.model import input_shape
-from anp_onnx.purify import load_prunable, purify
+from anp_onnx.guided import ANOMALOUS_BLEND, BLEND_STEPS
+from anp_onnx.purify import purify
 from anp_onnx.target import perturbation_errors, suspected_target
 from anp_onnx.trigger import TriggerSettings, hit_rate, synthesise_trigger
 from anp_onnx.trigger_pruning import TriggerPruningSettings, prune_against_trigger
@@ -26,18 +23,9 @@ CLEAN = EXAMPLES / "clean_resnet_bn"  # the same recipe without poisoning
 QUICK_TRIGGER = TriggerSettings(steps=150)
 
 
-def calibrated(example: Path):
-    model, neuron_map, output_index = load_prunable(example / "model.onnx", None)
-    clean = load_samples(example / "clean.npz", input_shape(model))
-    classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index)
-    x, y = anp.tensors(clean.x, clean.y, torch.device("cpu"))
-    anp.calibrate(classifier, x, AnpSettings())
-    return classifier, x, y
-
-
 @pytest.fixture(scope="module")
-def backdoored():
-    return calibrated(BACKDOORED)
+def backdoored(calibrated_example):
+    return calibrated_example(BACKDOORED.name)
 
 
 def test_the_perturbations_errors_name_the_attackers_target(backdoored):
@@ -52,6 +40,22 @@ def test_the_backdoor_target_is_reached_with_a_smaller_trigger_than_another_labe
     to_other = synthesise_trigger(*backdoored, target=4, settings=QUICK_TRIGGER)
     assert to_target.success > 0.95
     assert to_target.size < 0.5 * to_other.size
+
+
+@pytest.mark.parametrize(
+    ("example", "target", "anomalous"), [("blend_vgg_bn", 0, True), ("badnets_resnet_bn", 0, False)]
+)
+def test_a_blend_trigger_stands_out_only_where_the_backdoor_is_blended_in(
+    calibrated_example, example, target, anomalous
+):
+    """The gate that decides whether purify prunes against the blend: the target's opacity against
+    another label's (purify takes the label of median patch size; label 4 is it on the BadNets model)."""
+    classifier, x, y = calibrated_example(example)
+    settings = TriggerSettings("blend", steps=BLEND_STEPS)
+    blend = synthesise_trigger(classifier, x, y, target, settings)
+    reference = synthesise_trigger(classifier, x, y, 4, settings)
+    assert blend.success > 0.95 and reference.success > 0.95
+    assert (blend.size <= ANOMALOUS_BLEND * reference.size) is anomalous
 
 
 def test_pruning_against_the_trigger_keeps_each_round_within_the_clean_accuracy_budget(backdoored):

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import click
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -36,16 +40,18 @@ from anp_onnx import baselines  # noqa: E402
 from anp_onnx.anp import AnpSettings  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.evaluate import Evaluator, Metrics  # noqa: E402
-from anp_onnx.guided import DEFAULT_MAX_ACC_DROP, TARGET_ROUNDS  # noqa: E402
+from anp_onnx.guided import ANOMALOUS_BLEND, BLEND_STEPS, DEFAULT_MAX_ACC_DROP  # noqa: E402
 from anp_onnx.model import input_shape  # noqa: E402
 from anp_onnx.plots import plot_threshold_sweep  # noqa: E402
 from anp_onnx.prune import DEFAULT_THRESHOLD, PruningPlan  # noqa: E402
-from anp_onnx.purify import PruningChoice, PurifyResult, load_prunable, progress_steps, purify  # noqa: E402
+from anp_onnx.purify import PruningChoice, PurifyResult, load_prunable, progress_label, purify  # noqa: E402
 from anp_onnx.rewrite import apply_plan, save_model  # noqa: E402
-from anp_onnx.scan import scan  # noqa: E402
+from anp_onnx.scan import SUSPICIOUS_SCORE, scan  # noqa: E402
 from anp_onnx.sweep import threshold_sweep  # noqa: E402
+from anp_onnx.target import LABEL_TRIGGER_STEPS, PERTURBATION_ROUNDS, suspected_target  # noqa: E402
 from anp_onnx.trigger import TriggerSettings  # noqa: E402
 from anp_onnx.trigger_pruning import TriggerPruningSettings  # noqa: E402
+from anp_onnx.unlearning import UnlearningSettings  # noqa: E402
 from tools.bench_grid import ALL_MODELS, DEFAULT_EPOCHS, BenchModel, ensure_trained, select  # noqa: E402
 from tools.bench_report import DEFAULT_METHODS, METHODS, method_summary, scan_summary, write_results  # noqa: E402
 
@@ -102,12 +108,11 @@ def run_purify(
 ) -> tuple[dict, PurifyResult]:
     """`purify` with the package defaults and `method` ("trigger" is the default, "anp" the paper's masks)."""
     settings = AnpSettings(method=method) if iterations is None else AnpSettings(method=method, iterations=iterations)
-    steps, what = progress_steps(settings)
-    every = max(1, steps // 4)
+    what = progress_label(settings)
 
-    def progress(iteration: int) -> None:
-        if (iteration + 1) % every == 0:
-            log(f"  {method}: {what} {iteration + 1}/{steps}")
+    def progress(done: int, total: int) -> None:
+        if done % max(1, total // 4) == 0:
+            log(f"  {method}: {what} {done}/{total}")
 
     started = time.perf_counter()
     result = purify(
@@ -119,7 +124,7 @@ def run_purify(
         settings=settings,
         device=device,
         force=True,
-        on_iteration=progress,
+        on_progress=progress,
     )
     summary = {
         **metrics(result.after),
@@ -148,12 +153,32 @@ def run_plan(cell: Cell, name: str, decide: Callable[[], PruningPlan], work_dir:
     }
 
 
+SCAN_FIELDS = ("score", "suspected_target", "target_share", "size_ratio", "perturbation_target", "error_rate")
+
+
+def scan_from_purify(guided: dict) -> dict:
+    """The scan's figures as purify's target search measured them: the same functions, seed and settings
+    as `anp_onnx.scan.scan` (tests/test_bench_defense.py checks that the two agree), so the bench does not
+    run them twice on a backdoored model."""
+    return {
+        "score": guided["score"],
+        "suspected_target": guided["suspected_target"],
+        "target_share": guided["target_share"],
+        "size_ratio": guided["size_ratio"],
+        "perturbation_target": suspected_target(np.asarray(guided["label_histogram"]))[0],
+        "error_rate": guided["error_rate"],
+        "trigger_sizes": guided["label_trigger_sizes"],
+        "suspicious": guided["score"] >= SUSPICIOUS_SCORE,
+        "seconds": guided["stage_seconds"]["target"],
+        "source": "purify's target search",
+    }
+
+
 def run_scan(cell: Cell, device: str) -> dict:
     started = time.perf_counter()
     result = scan(cell.path, cell.folder / "clean.npz", device=device)
-    kept = ("score", "suspected_target", "target_share", "size_ratio", "perturbation_target", "error_rate")
     return {
-        **{key: getattr(result, key) for key in kept},
+        **{key: getattr(result, key) for key in SCAN_FIELDS},
         "trigger_sizes": result.trigger_sizes,
         "suspicious": result.suspicious,
         "seconds": round(time.perf_counter() - started, 3),
@@ -221,8 +246,11 @@ def settings_record(
         "iterations": iterations,
         "guided": AnpSettings().as_dict(),
         "guided_note": (
-            f"method {AnpSettings().method}: the target named by {TARGET_ROUNDS} adversarial neuron perturbations "
-            f"(eps {AnpSettings().eps:g}), a trigger synthesised for it in {TriggerSettings().steps} steps, greedy "
+            f"method {AnpSettings().method}: the target named as the scan names it ({PERTURBATION_ROUNDS} adversarial "
+            f"neuron perturbations, eps {AnpSettings().eps:g}, and a patch trigger per label in {LABEL_TRIGGER_STEPS} "
+            f"steps), a patch trigger synthesised for it in {TriggerSettings().steps} steps and a blend trigger in "
+            f"{BLEND_STEPS} (kept when its opacity is at most {ANOMALOUS_BLEND:g} x a typical label's), masks "
+            f"unlearned against them in {UnlearningSettings().steps} steps, greedy "
             f"pruning until its ASR is <= {TriggerPruningSettings().max_asr:g} or the next neuron would cost more "
             f"than {DEFAULT_MAX_ACC_DROP:g} of clean accuracy"
         ),
@@ -271,6 +299,14 @@ def settings_record(
     help="ANP iterations for the threshold figure when --methods has no anp.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Models measured side by side in worker processes (the cores are shared out; per-cell seconds then "
+    "count one worker's share).",
+)
 def main(
     cells: str | None,
     iterations: int | None,
@@ -286,6 +322,7 @@ def main(
     plot_cell: str,
     plot_iterations: int,
     device: str,
+    jobs: int,
 ) -> None:
     """Measure ANP, Fine-Pruning, CLP and the scan on the benchmark grid; write RESULTS.md and results.json."""
     chosen_methods = [name.strip() for name in methods.split(",") if name.strip()]
@@ -316,42 +353,31 @@ def main(
     }
     backdoored = [model for model in models if model.backdoored]
     names = [model.name for model in backdoored]
-    for index, model in enumerate(backdoored, start=1):
-        started = time.perf_counter()
-        cell = Cell(model, model.folder(cache_dir, epochs))
-        entry = cell.describe()
-        entry["before"] = metrics(cell.measure(cell.path))
-        before = entry["before"]
-        log(f"[{index}/{len(backdoored)}] {model.name}: before ACC {before['acc']:.4f} ASR {before['asr']:.4f}")
-        if "guided" in chosen_methods:
-            entry["guided"], _ = run_purify(cell, "trigger", iterations, work_dir, device)
-        anp_result = None
-        if "anp" in chosen_methods:
-            entry["anp"], anp_result = run_purify(cell, "anp", iterations, work_dir, device)
-        if model.name == plot_cell or (plot_cell not in names and "plot" not in results):
-            if anp_result is None:
-                _, anp_result = run_purify(cell, "anp", plot_iterations, work_dir, device)
-            results["plot"] = plot_sweep(cell, anp_result, out_dir)
-        if "fp" in chosen_methods:
-            decide = partial(baselines.fine_pruning, cell.onnx, cell.neuron_map, cell.clean, max_acc_drop=budget)
-            entry["fp"] = run_plan(cell, "fp", decide, work_dir)
-        if "clp" in chosen_methods:
-            entry["clp"] = run_plan(cell, "clp", partial(baselines.clp, cell.onnx, cell.neuron_map, clp_u), work_dir)
-        if with_scan:
-            entry["scan"] = run_scan(cell, device)
-        entry["seconds"] = round(time.perf_counter() - started, 3)
-        log(f"[{index}/{len(backdoored)}] {model.name}: {_one_line(entry)}")
-        results["cells"].append(entry)
+    plot_name = plot_cell if plot_cell in names else (names[0] if names else None)
+    job = CellJob(
+        cache_dir,
+        epochs,
+        work_dir,
+        out_dir,
+        chosen_methods,
+        iterations,
+        with_scan,
+        budget,
+        clp_u,
+        plot_iterations,
+        device,
+    )
+    work = [(model, model.name == plot_name) for model in backdoored]
+    work += [(model, False) for model in models if not model.backdoored]
+    for index, entry in enumerate(_run_cells(work, job, jobs), start=1):
+        log(f"[{index}/{len(work)}] {entry['name']}: {_one_line(entry)}")
+        if "plot" in entry:
+            results["plot"] = entry.pop("plot")
+        results["cells" if entry["attack"] else "clean_models"].append(entry)
         _finish(results, out_dir)
-    for model in (model for model in models if not model.backdoored):
-        cell = Cell(model, model.folder(cache_dir, epochs))
-        entry = cell.describe()
-        entry["before"] = {"acc": cell.measure(cell.path).acc, "asr": None}
-        if with_scan:
-            entry["scan"] = run_scan(cell, device)
-            log(f"[clean] {model.name}: scan score {entry['scan']['score']:.3f} -> {entry['scan']['suspected_target']}")
-        results["clean_models"].append(entry)
-        _finish(results, out_dir)
+    order = {model.name: index for index, model in enumerate(models)}
+    for key in ("cells", "clean_models"):
+        results[key].sort(key=lambda entry: order[entry["name"]])
     _finish(results, out_dir)
     summary = results["scan_summary"]
     if summary["auroc"] is not None:
@@ -360,6 +386,77 @@ def main(
         drop, asr = stats["mean_acc_drop_points"], stats["mean_asr_percent"]
         log(f"{method}: mean ACC drop {drop:.2f} points, mean ASR {asr:.2f}%")
     log(f"wrote {out_dir / 'RESULTS.md'} and {out_dir / 'results.json'}")
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """What every cell is measured with (picklable: cells may run in worker processes)."""
+
+    cache_dir: Path
+    epochs: int
+    work_dir: Path
+    out_dir: Path
+    methods: list[str]
+    iterations: int | None
+    with_scan: bool
+    fp_budget: float
+    clp_u: float
+    plot_iterations: int
+    device: str
+
+
+def measure_cell(model: BenchModel, plot: bool, job: CellJob) -> dict:
+    """One model's entry: ACC/ASR before and after every chosen defence, and the scan; with `plot`, the
+    threshold figure's data under "plot". A clean control model gets its clean ACC and the scan only."""
+    started = time.perf_counter()
+    cell = Cell(model, model.folder(job.cache_dir, job.epochs))
+    entry = cell.describe()
+    if not model.backdoored:
+        entry["before"] = {"acc": cell.measure(cell.path).acc, "asr": None}
+        if job.with_scan:
+            entry["scan"] = run_scan(cell, job.device)
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        return entry
+    entry["before"] = metrics(cell.measure(cell.path))
+    log(f"{model.name}: before ACC {entry['before']['acc']:.4f} ASR {entry['before']['asr']:.4f}")
+    if "guided" in job.methods:
+        entry["guided"], _ = run_purify(cell, "trigger", job.iterations, job.work_dir, job.device)
+    anp_result = None
+    if "anp" in job.methods:
+        entry["anp"], anp_result = run_purify(cell, "anp", job.iterations, job.work_dir, job.device)
+    if plot:
+        if anp_result is None:
+            _, anp_result = run_purify(cell, "anp", job.plot_iterations, job.work_dir, job.device)
+        entry["plot"] = plot_sweep(cell, anp_result, job.out_dir)
+    if "fp" in job.methods:
+        decide = partial(baselines.fine_pruning, cell.onnx, cell.neuron_map, cell.clean, max_acc_drop=job.fp_budget)
+        entry["fp"] = run_plan(cell, "fp", decide, job.work_dir)
+    if "clp" in job.methods:
+        entry["clp"] = run_plan(
+            cell, "clp", partial(baselines.clp, cell.onnx, cell.neuron_map, job.clp_u), job.work_dir
+        )
+    if job.with_scan:
+        entry["scan"] = scan_from_purify(entry["guided"]["guided"]) if "guided" in entry else run_scan(cell, job.device)
+    entry["seconds"] = round(time.perf_counter() - started, 3)
+    return entry
+
+
+def _run_cells(work: list[tuple[BenchModel, bool]], job: CellJob, jobs: int) -> Iterator[dict]:
+    """The cells' entries as they finish: in this process, or in `jobs` worker processes that share the
+    machine's cores (torch threads per worker: cores // jobs)."""
+    if jobs <= 1:
+        for model, plot in work:
+            yield measure_cell(model, plot, job)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(measure_cell, model, plot, job) for model, plot in work]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:  # on an error, here or in a cell, stop at the cells already running
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _one_line(entry: dict) -> str:

@@ -10,6 +10,7 @@ Targets differ between models so that naming the target label is not a guess of 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -127,25 +128,52 @@ def is_ready(model: BenchModel, cache_dir: Path, epochs: int) -> bool:
 
 
 def ensure_trained(
-    models: list[BenchModel], cache_dir: Path, epochs: int = DEFAULT_EPOCHS, log: Callable[[str], None] = print
+    models: list[BenchModel],
+    cache_dir: Path,
+    epochs: int = DEFAULT_EPOCHS,
+    log: Callable[[str], None] = print,
+    cores: int | None = None,
 ) -> dict[str, float]:
-    """Train every model that is not cached yet, one training run at a time; returns wall seconds per run."""
+    """Train every model that is not cached yet, as many training runs side by side as their threads fit
+    in `cores` (all of this machine's by default; each run keeps its own thread count, which is part of
+    its recipe); returns wall seconds per run."""
     runs: dict[tuple[object, ...], list[BenchModel]] = {}
     for model in models:
         if not is_ready(model, cache_dir, epochs):
             runs.setdefault(model.training_key, []).append(model)
+    cores = cores or os.cpu_count() or 1
+    waiting = [sorted(group, key=lambda model: model.export != "bn") for group in runs.values()]  # bn first
+    running: list[tuple[subprocess.Popen, str, float, int]] = []
     times: dict[str, float] = {}
-    for index, group in enumerate(runs.values(), start=1):
-        group = sorted(group, key=lambda model: model.export != "bn")  # the bn export first, folded as its copy
-        main, copies = group[0], group[1:]
-        command = [sys.executable, str(TRAINER), *main.trainer_args(epochs), "--export", main.export]
-        command += ["--out-dir", str(main.folder(cache_dir, epochs))]
-        for copy in copies:
-            command += ["--folded-copy-dir", str(copy.folder(cache_dir, epochs))]
-        names = " + ".join(model.name for model in group)
-        log(f"[train {index}/{len(runs)}] {names}")
-        started = time.perf_counter()
-        subprocess.run(command, cwd=ROOT, check=True)
-        times[names] = round(time.perf_counter() - started, 1)
-        log(f"[train {index}/{len(runs)}] {names}: {times[names]:.0f} s")
+    started_count = 0
+    while waiting or running:
+        busy = sum(threads for *_, threads in running)
+        if waiting and (not running or busy + waiting[0][0].threads <= cores):
+            group = waiting.pop(0)
+            started_count += 1
+            names = " + ".join(model.name for model in group)
+            log(f"[train {started_count}/{len(runs)}] {names}")
+            process = subprocess.Popen(_training_command(group, cache_dir, epochs), cwd=ROOT)
+            running.append((process, names, time.perf_counter(), group[0].threads))
+            continue
+        time.sleep(0.5)
+        for entry in [entry for entry in running if entry[0].poll() is not None]:
+            process, names, started, _ = entry
+            running.remove(entry)
+            if process.returncode:
+                for other, *_ in running:
+                    other.terminate()
+                raise subprocess.CalledProcessError(process.returncode, process.args)
+            times[names] = round(time.perf_counter() - started, 1)
+            log(f"[train] {names}: {times[names]:.0f} s")
     return times
+
+
+def _training_command(group: list[BenchModel], cache_dir: Path, epochs: int) -> list[str]:
+    """One training run: the first model's export written by the trainer, the others as folded copies."""
+    main, copies = group[0], group[1:]
+    command = [sys.executable, str(TRAINER), *main.trainer_args(epochs), "--export", main.export]
+    command += ["--out-dir", str(main.folder(cache_dir, epochs))]
+    for copy in copies:
+        command += ["--folded-copy-dir", str(copy.folder(cache_dir, epochs))]
+    return command

@@ -69,8 +69,13 @@ def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+NO_CELLS = "No backdoored model measured (yet)."
+
+
 def defence_table(cells: Sequence[dict]) -> list[str]:
     """The paper's Table 1 layout: per model ACC / ASR with no defence and after each method."""
+    if not cells:
+        return [NO_CELLS]
     header = ["model", "attack", "export", "target", "No defence ACC", "ASR"]
     for method in METHODS:
         header += [f"{METHOD_TITLES[method]} ACC", "ASR"]
@@ -95,6 +100,8 @@ def defence_table(cells: Sequence[dict]) -> list[str]:
 
 def pruning_table(cells: Sequence[dict]) -> list[str]:
     """How many neurons each method pruned, and the wall time of each step."""
+    if not cells:
+        return [NO_CELLS]
     header = ["model", "neurons", *(f"{METHOD_TITLES[m]} pruned" for m in METHODS)]
     header += [*(f"{METHOD_TITLES[m]} s" for m in METHODS), "scan s", "cell s"]
     lines = [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
@@ -179,7 +186,7 @@ def results_markdown(results: dict) -> str:
         f"- **ANP masks**: the same with `method='anp'`, the paper's loop and threshold ({settings['anp_note']}).",
         f"- **Fine-Pruning** (pruning only): {settings['fp_note']}",
         f"- **CLP**: {settings['clp_note']}",
-        f"- **scan**: `anp_onnx.scan.scan` with its defaults, on each model's 500 clean images{_rescan_note(results)}.",
+        f"- **scan**: `anp_onnx.scan.scan` with its defaults, on each model's 500 clean images{_scan_source(results)}.",
         "",
         "## ACC / ASR before and after each defence",
         "",
@@ -246,6 +253,17 @@ def results_markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _scan_source(results: dict) -> str:
+    """Where the scan's figures of the backdoored models come from."""
+    note = _rescan_note(results)
+    if note or not any(cell.get("scan", {}).get("source") for cell in results["cells"]):
+        return note
+    return (
+        "; for the backdoored models, as anp-onnx's purify measured them in its target search (the same "
+        "functions, settings and seed, so the same figures; `--rescan` runs the scan itself)"
+    )
 
 
 def _rescan_note(results: dict) -> str:
