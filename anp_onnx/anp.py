@@ -98,11 +98,7 @@ def optimise_masks(
                 loss = settings.alpha * natural + (1 - settings.alpha) * robust
             else:
                 loss = natural
-            loss.backward(inputs=masks)
-            mask_optimizer.step()
-            with torch.no_grad():
-                for mask in masks:
-                    mask.clamp_(0.0, 1.0)
+            step_masks(mask_optimizer, loss, masks)
             if average is not None:
                 average.add(iteration)
             if on_iteration is not None:
@@ -110,6 +106,15 @@ def optimise_masks(
             if stop is not None and stop(iteration, lambda: mask_values(classifier, average)):
                 break
     return mask_values(classifier, average)
+
+
+def step_masks(optimizer: torch.optim.Optimizer, loss: torch.Tensor, masks: list[torch.Tensor]) -> None:
+    """One optimiser step on the masks only (the caller zeroed their gradients), clamped to [0, 1]."""
+    loss.backward(inputs=masks)
+    optimizer.step()
+    with torch.no_grad():
+        for mask in masks:
+            mask.clamp_(0.0, 1.0)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from anp_onnx.anp import step_masks
 from anp_onnx.importer import GatedClassifier
 from anp_onnx.trigger import Trigger
 
@@ -57,11 +58,7 @@ def unlearning_ranking(
                 loss = loss + classifier.loss(outputs, chosen) / len(stamped_sets)
             loss = loss + settings.keep_weight * torch.cat([1 - mask for mask in masks]).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=masks)
-            optimizer.step()
-            with torch.no_grad():
-                for mask in masks:
-                    mask.clamp_(0.0, 1.0)
+            step_masks(optimizer, loss, masks)
             if on_step is not None:
                 on_step(step)
         values = [

@@ -162,3 +162,21 @@ def calibrated_example():
         return classifier, x, y
 
     return load
+
+
+@pytest.fixture(scope="session")
+def backdoored_example_purified_by_default(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """`anp-onnx batch` with every default on the bundled BadNets example (target 0) and its bundled
+    clean, test and poison data, with a report folder: {"exit_code", "output", "out_dir", "report_dir"}.
+    One run for the tests that check what the default does: it takes minutes on two CPU cores."""
+    from click.testing import CliRunner
+
+    from anp_onnx.cli import main
+
+    folder = EXAMPLES / "badnets_resnet_bn"
+    root = tmp_path_factory.mktemp("default-purify")
+    out_dir, report_dir = root / "out", root / "reports"
+    arguments = ["batch", folder / "model.onnx", "--data", folder / "clean.npz", "--test-data", folder / "test.npz"]
+    arguments += ["--poison-data", folder / "poison.npz", "--out-dir", out_dir, "--report-dir", report_dir]
+    result = CliRunner().invoke(main, [str(argument) for argument in arguments], catch_exceptions=False)
+    return {"exit_code": result.exit_code, "output": result.output, "out_dir": out_dir, "report_dir": report_dir}

@@ -350,14 +350,14 @@ def test_the_ray_executor_gives_the_same_summary(first_run, models, data, tmp_pa
     assert [model["status"] for model in summary["models"]] == ["purified"] * 3 + ["failed"]
 
 
-def test_the_default_method_reports_the_synthetic_trigger_and_each_pruning_round(tmp_path, data):
+def test_the_default_method_reports_the_synthetic_trigger_and_each_pruning_round(
+    backdoored_example_purified_by_default,
+):
     """`--method trigger` (the default): the trigger as a picture, and ACC / ASR of every prefix of the
     plan, the last of which is the written model."""
-    report_dir = tmp_path / "reports"
-    model = EXAMPLES / GOOD_MODELS["badnets"] / "model.onnx"
-    arguments = ("--data", data["clean"], "--test-data", data["test"], "--poison-data", data["poison"])
-    result = invoke("batch", model, "--out-dir", tmp_path / "out", "--report-dir", report_dir, *arguments)
-    assert result.exit_code == 0, result.output
+    run = backdoored_example_purified_by_default
+    assert run["exit_code"] == 0, run["output"]
+    report_dir = run["report_dir"]
     report = json.loads((report_dir / "model.report.json").read_text())
     assert report["settings"]["method"] == "trigger" and report["guided"]["triggers"][0]["kind"] == "patch"
     sweep = report["sweep"]

@@ -42,20 +42,16 @@ def test_the_backdoor_target_is_reached_with_a_smaller_trigger_than_another_labe
     assert to_target.size < 0.5 * to_other.size
 
 
-@pytest.mark.parametrize(
-    ("example", "target", "anomalous"), [("blend_vgg_bn", 0, True), ("badnets_resnet_bn", 0, False)]
-)
-def test_a_blend_trigger_stands_out_only_where_the_backdoor_is_blended_in(
-    calibrated_example, example, target, anomalous
-):
+def test_a_blend_trigger_stands_out_where_the_backdoor_is_blended_in(calibrated_example):
     """The gate that decides whether purify prunes against the blend: the target's opacity against
-    another label's (purify takes the label of median patch size; label 4 is it on the BadNets model)."""
-    classifier, x, y = calibrated_example(example)
+    another label's (purify takes the label of median patch size). On the BadNets model the gate stays
+    shut: `test_purify_by_default_removes_the_bundled_backdoor_within_three_points_of_accuracy`."""
+    classifier, x, y = calibrated_example("blend_vgg_bn")
     settings = TriggerSettings("blend", steps=BLEND_STEPS)
-    blend = synthesise_trigger(classifier, x, y, target, settings)
+    blend = synthesise_trigger(classifier, x, y, 0, settings)
     reference = synthesise_trigger(classifier, x, y, 4, settings)
     assert blend.success > 0.95 and reference.success > 0.95
-    assert (blend.size <= ANOMALOUS_BLEND * reference.size) is anomalous
+    assert blend.size <= ANOMALOUS_BLEND * reference.size
 
 
 def test_pruning_against_the_trigger_keeps_each_round_within_the_clean_accuracy_budget(backdoored):
@@ -78,20 +74,21 @@ def test_pruning_against_the_trigger_keeps_each_round_within_the_clean_accuracy_
     )
 
 
-def test_purify_by_default_removes_the_bundled_backdoor_within_three_points_of_accuracy(tmp_path):
-    result = purify(
-        BACKDOORED / "model.onnx",
-        BACKDOORED / "clean.npz",
-        tmp_path / "out.onnx",
-        test_data=BACKDOORED / "test.npz",
-        poison_data=BACKDOORED / "poison.npz",
-    )
-    assert result.settings.method == "trigger" and result.guided["suspected_target"] == 0
-    assert result.before.asr > 0.99 and result.after.asr <= 0.10
-    assert result.before.acc - result.after.acc <= 0.03
-    assert 0 < len(result.plan.neurons) <= 10
+def test_purify_by_default_removes_the_bundled_backdoor_within_three_points_of_accuracy(
+    backdoored_example_purified_by_default,
+):
+    run = backdoored_example_purified_by_default
+    assert run["exit_code"] == 0, run["output"]
+    report = json.loads((run["report_dir"] / "model.report.json").read_text())
+    guided = report["guided"]
+    assert report["settings"]["method"] == "trigger" and guided["suspected_target"] == 0
+    assert [trigger["kind"] for trigger in guided["triggers"]] == ["patch"]  # a patch backdoor: no blend
+    assert report["before"]["asr"] > 0.99 and report["after"]["asr"] <= 0.10
+    assert report["before"]["acc"] - report["after"]["acc"] <= 0.03
+    assert 0 < report["pruned_neurons"] <= 10
 
 
+@pytest.mark.slow  # minutes on two CPU cores: the whole default on a second model
 def test_purify_by_default_leaves_a_clean_model_almost_as_it_was(tmp_path):
     result = purify(CLEAN / "model.onnx", CLEAN / "clean.npz", tmp_path / "out.onnx", test_data=CLEAN / "test.npz")
     assert len(result.plan.neurons) <= 3

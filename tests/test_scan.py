@@ -15,6 +15,7 @@ from anp_onnx.scan import SUSPICIOUS_SCORE, TRIGGER_STEPS, scan
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # a minute on two CPU cores; the default suite reads the same figures from purify's report below
 def test_a_backdoored_example_is_flagged_with_its_true_target():
     folder = EXAMPLES / "badnets_resnet_bn"
     result = scan(folder / "model.onnx", folder / "clean.npz", rounds=2)
@@ -23,6 +24,20 @@ def test_a_backdoored_example_is_flagged_with_its_true_target():
     assert result.trigger_sizes[0] == min(result.trigger_sizes)
     assert result.target_share > 0.8 and result.size_ratio < 0.7
     assert result.score > SUSPICIOUS_SCORE + 0.2
+
+
+def test_purifys_target_search_flags_the_backdoored_example_as_scan_does(backdoored_example_purified_by_default):
+    """purify's default names the target with the scan's functions, settings and seed (the bench's rescan
+    test pins that the figures agree), so its report carries the scan's verdict on the BadNets example."""
+    run = backdoored_example_purified_by_default
+    assert run["exit_code"] == 0, run["output"]
+    guided = json.loads((run["report_dir"] / "model.report.json").read_text())["guided"]
+    assert (
+        guided["suspected_target"] == json.loads((EXAMPLES / "badnets_resnet_bn" / "meta.json").read_text())["target"]
+    )
+    assert guided["label_trigger_sizes"][0] == min(guided["label_trigger_sizes"])
+    assert guided["target_share"] > 0.8 and guided["size_ratio"] < 0.7
+    assert guided["score"] > SUSPICIOUS_SCORE + 0.2
 
 
 def test_the_clean_control_model_is_not_flagged():

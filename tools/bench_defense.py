@@ -63,11 +63,19 @@ def log(message: str) -> None:
     click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
 
 
-def machine() -> str:
-    cores = os.cpu_count()
-    threads = torch.get_num_threads()
+def machine(jobs: int = 1) -> str:
+    cores = os.cpu_count() or 1
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{platform.system()} {platform.machine()}, {cores} CPU cores (torch threads {threads}){gpu}"
+    if jobs > 1:
+        workers = f"{jobs} models at a time, each a worker process with {worker_threads(jobs)} torch thread(s)"
+    else:
+        workers = f"torch threads {torch.get_num_threads()}"
+    return f"{platform.system()} {platform.machine()}, {cores} CPU cores ({workers}){gpu}"
+
+
+def worker_threads(jobs: int) -> int:
+    """Torch threads per worker process when `jobs` models are measured side by side."""
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def metrics(metrics: Metrics) -> dict[str, float | None]:
@@ -344,7 +352,7 @@ def main(
     budget = fp_max_acc_drop if fp_max_acc_drop is not None else PruningChoice().max_acc_drop or FP_FALLBACK_BUDGET
     results: dict = {
         "command": "tools/bench_defense.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": machine(jobs),
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "settings": settings_record(iterations, chosen_methods, with_scan, epochs, budget, clp_u),
         "training_seconds_this_run": training_times,
@@ -448,9 +456,9 @@ def _run_cells(work: list[tuple[BenchModel, bool]], job: CellJob, jobs: int) -> 
         for model, plot in work:
             yield measure_cell(model, plot, job)
         return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+    initargs = (worker_threads(jobs),)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=initargs) as pool:
         futures = [pool.submit(measure_cell, model, plot, job) for model, plot in work]
         try:
             for future in as_completed(futures):
