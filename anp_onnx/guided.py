@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -30,6 +30,22 @@ BLEND_STEPS = 200  # the blend's opacity ranks labels alike from 200 steps as fr
 ANOMALOUS_BLEND = 0.5  # the blend is pruned against when the target's opacity is at most this x a typical label's
 
 
+@dataclass(frozen=True)
+class GuidedSettings:
+    """Steps (and the label search's batch) of each stage; the defaults are what the benchmark
+    measured (docs/RESULTS.md). Fewer are faster and, measured, worse (docs/PERFORMANCE.md)."""
+
+    label_trigger_steps: int = LABEL_TRIGGER_STEPS
+    label_trigger_batch: int = TriggerSettings().batch_size
+    patch_steps: int = TriggerSettings().steps
+    blend_steps: int = BLEND_STEPS
+    unlearning_steps: int = UnlearningSettings().steps
+
+    def scaled(self, factor: float) -> GuidedSettings:
+        """Every count times `factor`, rounded, at least 1."""
+        return replace(self, **{item.name: max(1, round(getattr(self, item.name) * factor)) for item in fields(self)})
+
+
 @dataclass
 class GuidedResult:
     """`triggers`: the ones pruned against (the patch, and the blend when anomalous); `blend_reference`:
@@ -40,6 +56,7 @@ class GuidedResult:
     blend_reference: Trigger
     pruning: TriggerPruningResult
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    stages: GuidedSettings = field(default_factory=GuidedSettings)
 
     @property
     def target(self) -> int:
@@ -63,12 +80,15 @@ class GuidedResult:
             "blend_reference": self.blend_reference.summary(),
             **self.pruning.summary(),
             "stage_seconds": self.seconds,
+            "stage_steps": asdict(self.stages),
         }
 
 
-def guided_steps(labels: int) -> int:
+def guided_steps(labels: int, stages: GuidedSettings | None = None) -> int:
     """How many steps `guided_prune` reports through `on_step` for a classifier with `labels` classes."""
-    return labels * LABEL_TRIGGER_STEPS + TriggerSettings().steps + 2 * BLEND_STEPS + UnlearningSettings().steps
+    stages = stages or GuidedSettings()
+    triggers = labels * stages.label_trigger_steps + stages.patch_steps + 2 * stages.blend_steps
+    return triggers + stages.unlearning_steps
 
 
 def guided_prune(
@@ -78,30 +98,43 @@ def guided_prune(
     settings: AnpSettings,
     max_acc_drop: float | None = None,
     on_step: Callable[[], None] | None = None,
+    stages: GuidedSettings | None = None,
 ) -> GuidedResult:
     """The stages on calibrated `classifier` (`anp.calibrate`) and clean `x, y`; its masks end hard.
     `on_step()` after each of the `guided_steps` steps of trigger synthesis and unlearning."""
+    stages = stages or GuidedSettings()
     step = (lambda *_: on_step()) if on_step else None
-    label_progress = (lambda *_: [on_step() for _ in range(LABEL_TRIGGER_STEPS)]) if on_step else None
+    label_progress = (lambda *_: [on_step() for _ in range(stages.label_trigger_steps)]) if on_step else None
     seconds: dict[str, float] = {}
     with _timed(seconds, "target"):
-        search = search_target(classifier, x, y, eps=settings.eps, seed=settings.seed, on_label=label_progress)
+        search = search_target(
+            classifier,
+            x,
+            y,
+            eps=settings.eps,
+            trigger_steps=stages.label_trigger_steps,
+            trigger_batch=stages.label_trigger_batch,
+            seed=settings.seed,
+            on_label=label_progress,
+        )
     target = search.evidence.label
     with _timed(seconds, "triggers"):
-        triggers = [synthesise_trigger(classifier, x, y, target, TriggerSettings("patch", seed=settings.seed), step)]
-        blend_settings = TriggerSettings("blend", steps=BLEND_STEPS, seed=settings.seed)
+        patch_settings = TriggerSettings("patch", steps=stages.patch_steps, seed=settings.seed)
+        triggers = [synthesise_trigger(classifier, x, y, target, patch_settings, step)]
+        blend_settings = TriggerSettings("blend", steps=stages.blend_steps, seed=settings.seed)
         blend = synthesise_trigger(classifier, x, y, target, blend_settings, step)
         reference = synthesise_trigger(classifier, x, y, typical_label(search), blend_settings, step)
         if blend.size <= ANOMALOUS_BLEND * reference.size:
             triggers.append(blend)
     with _timed(seconds, "unlearning"):
-        ranking = unlearning_ranking(classifier, x, y, triggers, UnlearningSettings(seed=settings.seed), step)
+        unlearning = UnlearningSettings(steps=stages.unlearning_steps, seed=settings.seed)
+        ranking = unlearning_ranking(classifier, x, y, triggers, unlearning, step)
     pruning_settings = (
         TriggerPruningSettings() if max_acc_drop is None else TriggerPruningSettings(max_acc_drop=max_acc_drop)
     )
     with _timed(seconds, "pruning"):
         pruning = prune_against_trigger(classifier, x, y, triggers, pruning_settings, ranking=ranking)
-    return GuidedResult(search, triggers, reference, pruning, seconds)
+    return GuidedResult(search, triggers, reference, pruning, seconds, stages)
 
 
 @contextmanager

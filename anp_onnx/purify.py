@@ -17,7 +17,7 @@ from anp_onnx.anp import AnpSettings
 from anp_onnx.data import SampleFile, Samples, load_samples, open_samples
 from anp_onnx.errors import AnpError
 from anp_onnx.evaluate import Evaluator, Metrics
-from anp_onnx.guided import GuidedResult, guided_prune, guided_steps
+from anp_onnx.guided import GuidedResult, GuidedSettings, guided_prune, guided_steps
 from anp_onnx.importer import check_equivalence, hard_masks, import_model
 from anp_onnx.model import check_supported, class_output_index, input_shape, load_model
 from anp_onnx.neurons import NeuronMap, build_neuron_map
@@ -142,10 +142,12 @@ def purify(
     early_stop: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     class_output: str | None = None,
+    stages: GuidedSettings | None = None,
 ) -> PurifyResult:
     """Purify one model; returns everything the CLI prints and the report holds. `class_output`
     names the graph output holding the classes (default: the first). `on_progress(done, total)`
-    after each step of the optimisation (`progress_label` says what they are)."""
+    after each step of the optimisation (`progress_label` says what they are). `stages`: the
+    trigger method's step counts (studies of its cost; the defaults otherwise)."""
     settings, pruning = settings or AnpSettings(), pruning or PruningChoice()
     model_path = Path(model_path)
     output = Path(output_path) if output_path else default_output(model_path)
@@ -183,8 +185,8 @@ def purify(
         if settings.method == "trigger":
             x, y = anp.tensors(clean.x, clean.y, torch_device)
             anp.calibrate(classifier, x, settings)
-            step = _step_counter(on_progress, guided_steps(classes)) if on_progress else None
-            guided = guided_prune(classifier, x, y, settings, pruning.max_acc_drop, step)
+            step = _step_counter(on_progress, guided_steps(classes, stages)) if on_progress else None
+            guided = guided_prune(classifier, x, y, settings, pruning.max_acc_drop, step, stages)
             values = anp.mask_values(classifier)
         else:
             optimise_on, held_out = split_holdout(clean, pruning, settings.seed)

@@ -108,12 +108,14 @@ def search_target(
     eps: float,
     rounds: int = PERTURBATION_ROUNDS,
     trigger_steps: int = LABEL_TRIGGER_STEPS,
+    trigger_batch: int = TriggerSettings().batch_size,
     seed: int = 0,
     on_label: Callable[[int, int], None] | None = None,
 ) -> TargetSearch:
     """The suspected target of calibrated `classifier` (`anp.calibrate`) from clean `x, y`: adversarial
     neuron perturbations, a patch trigger for every label (`on_label(label, labels)` after each), weighed."""
     histogram, errors = perturbation_errors(classifier, x, y, eps, rounds, seed)
-    triggers = label_triggers(classifier, x, y, TriggerSettings("patch", steps=trigger_steps, seed=seed), on_label)
+    trigger_settings = TriggerSettings("patch", steps=trigger_steps, batch_size=trigger_batch, seed=seed)
+    triggers = label_triggers(classifier, x, y, trigger_settings, on_label)
     evidence = weigh_evidence(histogram, [trigger.size for trigger in triggers])
     return TargetSearch(evidence, histogram, errors, triggers, errors / (rounds * len(y)))

@@ -48,10 +48,11 @@ from anp_onnx import anp  # noqa: E402
 from anp_onnx.anp import AnpSettings  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.evaluate import EVAL_BATCH, Evaluator  # noqa: E402
+from anp_onnx.guided import GuidedSettings  # noqa: E402
 from anp_onnx.importer import convert_to_torch, import_model  # noqa: E402
 from anp_onnx.model import input_shape, load_model  # noqa: E402
 from anp_onnx.neurons import build_neuron_map  # noqa: E402
-from anp_onnx.purify import purify  # noqa: E402
+from anp_onnx.purify import PurifyResult, purify  # noqa: E402
 
 DEFAULT_EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
 TRAIN_LR = 0.01
@@ -368,8 +369,9 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def time_end_to_end(example: Path) -> dict[str, object]:
-    """Default `purify` on the example, wall time and what it reached (ACC / ASR on its test files)."""
+def timed_purify(example: Path, stages: GuidedSettings | None = None) -> tuple[PurifyResult, float]:
+    """`purify` (the trigger method's `stages`, default the package's) on the folder's model.onnx and
+    clean.npz, with its test.npz and poison.npz when present: the result and the wall time."""
     with tempfile.TemporaryDirectory(prefix="anp-bench-") as folder:
         started = time.perf_counter()
         result = purify(
@@ -378,8 +380,14 @@ def time_end_to_end(example: Path) -> dict[str, object]:
             Path(folder) / "purified.onnx",
             test_data=example / "test.npz" if (example / "test.npz").is_file() else None,
             poison_data=example / "poison.npz" if (example / "poison.npz").is_file() else None,
+            stages=stages,
         )
-        seconds = time.perf_counter() - started
+        return result, time.perf_counter() - started
+
+
+def time_end_to_end(example: Path) -> dict[str, object]:
+    """Default `purify` on the example, wall time and what it reached (ACC / ASR on its test files)."""
+    result, seconds = timed_purify(example)
     return {
         "seconds": seconds,
         "method": result.settings.method,
