@@ -10,9 +10,7 @@ triggers synthesised for it give a clean-data stand-in for the attack that pruni
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -21,6 +19,7 @@ from anp_onnx.anp import AnpSettings
 from anp_onnx.importer import GatedClassifier
 from anp_onnx.prune import PruningPlan
 from anp_onnx.target import LABEL_TRIGGER_STEPS, TargetSearch, search_target
+from anp_onnx.timing import timed
 from anp_onnx.trigger import Trigger, TriggerSettings, synthesise_trigger
 from anp_onnx.trigger_pruning import TriggerPruningResult, TriggerPruningSettings, prune_against_trigger
 from anp_onnx.unlearning import UnlearningSettings, unlearning_ranking
@@ -106,7 +105,7 @@ def guided_prune(
     step = (lambda *_: on_step()) if on_step else None
     label_progress = (lambda *_: [on_step() for _ in range(stages.label_trigger_steps)]) if on_step else None
     seconds: dict[str, float] = {}
-    with _timed(seconds, "target"):
+    with timed(seconds, "target"):
         search = search_target(
             classifier,
             x,
@@ -118,7 +117,7 @@ def guided_prune(
             on_label=label_progress,
         )
     target = search.evidence.label
-    with _timed(seconds, "triggers"):
+    with timed(seconds, "triggers"):
         patch_settings = TriggerSettings("patch", steps=stages.patch_steps, seed=settings.seed)
         triggers = [synthesise_trigger(classifier, x, y, target, patch_settings, step)]
         blend_settings = TriggerSettings("blend", steps=stages.blend_steps, seed=settings.seed)
@@ -126,22 +125,15 @@ def guided_prune(
         reference = synthesise_trigger(classifier, x, y, typical_label(search), blend_settings, step)
         if blend.size <= ANOMALOUS_BLEND * reference.size:
             triggers.append(blend)
-    with _timed(seconds, "unlearning"):
+    with timed(seconds, "unlearning"):
         unlearning = UnlearningSettings(steps=stages.unlearning_steps, seed=settings.seed)
         ranking = unlearning_ranking(classifier, x, y, triggers, unlearning, step)
     pruning_settings = (
         TriggerPruningSettings() if max_acc_drop is None else TriggerPruningSettings(max_acc_drop=max_acc_drop)
     )
-    with _timed(seconds, "pruning"):
+    with timed(seconds, "pruning"):
         pruning = prune_against_trigger(classifier, x, y, triggers, pruning_settings, ranking=ranking)
     return GuidedResult(search, triggers, reference, pruning, seconds, stages)
-
-
-@contextmanager
-def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    seconds[stage] = round(time.perf_counter() - start, 3)
 
 
 def typical_label(search: TargetSearch) -> int:

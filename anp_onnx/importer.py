@@ -6,7 +6,7 @@ import contextlib
 import io
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -194,6 +194,20 @@ def check_equivalence(classifier: GatedClassifier, inputs: np.ndarray, reference
     if not np.isfinite(difference) or difference > tolerance:
         raise AnpError(f"{what}: the torch conversion disagrees with onnxruntime (max difference {difference:.3g})")
     return difference
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """The module's trainable parameters without gradients inside the block (inputs, masks or
+    triggers outside it are what is optimised), trainable again after."""
+    parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
 
 
 def hard_masks(classifier: GatedClassifier, plan: PruningPlan) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from anp_onnx.model import check_supported, class_output_index, input_shape, loa
 from anp_onnx.neurons import NeuronMap, build_neuron_map
 from anp_onnx.prune import MaskValues, PruningPlan
 from anp_onnx.rewrite import apply_plan, save_model
+from anp_onnx.timing import timed
 from anp_onnx.trigger import as_numpy
 
 CHECK_SAMPLES = 16
@@ -121,13 +120,6 @@ def load_prunable(model_path: Path, class_output: str | None) -> tuple[onnx.Mode
     return model, neuron_map, output_index
 
 
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 3)
-
-
 def purify(
     model_path: str | Path,
     data_path: str | Path,
@@ -161,7 +153,7 @@ def purify(
     torch_device = resolve_device(device)
     timings: dict[str, float] = {}
 
-    with _timed(timings, "load"):
+    with timed(timings, "load"):
         model, neuron_map, output_index = load_prunable(model_path, class_output)
         shape = input_shape(model)
         clean = load_samples(data_path, shape, "--data")
@@ -173,14 +165,14 @@ def purify(
             if samples is not None:
                 _check_labels(samples, classes, what)
 
-    with _timed(timings, "import"):
+    with timed(timings, "import"):
         classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index).to(torch_device)
         sample = clean.x[:CHECK_SAMPLES]
         check_equivalence(classifier, sample, before_evaluator.outputs(sample), str(model_path))
 
     guided: GuidedResult | None = None
     stop: anp.StopWhenStable | None = None
-    with _timed(timings, "optimise"):
+    with timed(timings, "optimise"):
         torch.manual_seed(settings.seed)
         if settings.method == "trigger":
             x, y = anp.tensors(clean.x, clean.y, torch_device)
@@ -196,7 +188,7 @@ def purify(
             step = _step_counter(on_progress, settings.iterations) if on_progress else None
             values = anp.optimise_masks(classifier, x, y, settings, step and (lambda _: step()), stop)
 
-    with _timed(timings, "rewrite"):
+    with timed(timings, "rewrite"):
         if guided is not None:
             plan = guided.plan
         else:
@@ -204,7 +196,7 @@ def purify(
             plan = pruning.plan(values, accuracy_of)
         save_model(apply_plan(model, neuron_map, plan), output)
 
-    with _timed(timings, "evaluate"):
+    with timed(timings, "evaluate"):
         after_evaluator = Evaluator(output, device, class_output)
         _check_rewrite(classifier, plan, sample, after_evaluator.outputs(sample))
         before = before_evaluator.measure(test, poison)

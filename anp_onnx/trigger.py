@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from anp_onnx.errors import AnpError
-from anp_onnx.importer import GatedClassifier
+from anp_onnx.importer import GatedClassifier, frozen_parameters
 
 KINDS = ("patch", "blend")
 SIZE_WEIGHTS = {"patch": 3.0, "blend": 1.0}  # weight of the mask's mean against the target loss
@@ -95,10 +95,7 @@ def synthesise_trigger(
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=settings.lr)
     labels = torch.full((settings.batch_size,), target, device=x.device)
     classifier.eval()
-    parameters = [parameter for parameter in classifier.parameters() if parameter.requires_grad]
-    for parameter in parameters:
-        parameter.requires_grad_(False)
-    try:
+    with frozen_parameters(classifier):
         for step in range(settings.steps):
             batch = others[torch.randint(len(others), (settings.batch_size,), generator=generator, device=x.device)]
             mask = torch.sigmoid(mask_logit)
@@ -109,9 +106,6 @@ def synthesise_trigger(
             optimizer.step()
             if on_step is not None:
                 on_step(step)
-    finally:
-        for parameter in parameters:
-            parameter.requires_grad_(True)
     with torch.no_grad():
         mask = torch.sigmoid(mask_logit)
         pattern = low + (high - low) * torch.sigmoid(pattern_logit)

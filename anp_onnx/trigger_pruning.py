@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from itertools import islice
 
 import torch
 
@@ -109,8 +110,8 @@ def prune_against_trigger(
             break
         candidates = _ranked_by_rise(classifier, clean_inputs, stamped)[: settings.candidates]
         if ranking:
-            unpruned = [neuron for neuron in ranking if classifier.gates[neuron[0]].mask[neuron[1]] != 0]
-            candidates = list(dict.fromkeys(candidates + unpruned[: settings.ranked_candidates]))
+            unpruned = (neuron for neuron in ranking if classifier.gates[neuron[0]].mask[neuron[1]] != 0)
+            candidates = list(dict.fromkeys(candidates + list(islice(unpruned, settings.ranked_candidates))))
         screened = sorted(
             candidates,
             key=lambda neuron: _score(*_measure_pruned(pairs, neuron, partial(measure, screen)), screen_baseline),

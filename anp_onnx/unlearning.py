@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from anp_onnx.anp import step_masks
-from anp_onnx.importer import GatedClassifier
+from anp_onnx.importer import GatedClassifier, frozen_parameters
 from anp_onnx.trigger import Trigger
 
 
@@ -46,29 +46,25 @@ def unlearning_ranking(
     masks = [gate.mask for gate in classifier.gates]
     stamped_sets = [(x[y != trigger.target], y[y != trigger.target], trigger) for trigger in triggers]
     optimizer = torch.optim.Adam(masks, lr=settings.lr)
-    parameters = [parameter for parameter in classifier.graph_module.parameters() if parameter.requires_grad]
-    for parameter in parameters:
-        parameter.requires_grad_(False)
     classifier.eval()
     try:
-        for step in range(settings.steps):
-            loss = classifier.loss(*_forward(classifier, x, y, settings.batch_size, generator))
-            for others, labels, trigger in stamped_sets:
-                outputs, chosen = _forward(classifier, others, labels, settings.batch_size, generator, trigger)
-                loss = loss + classifier.loss(outputs, chosen) / len(stamped_sets)
-            loss = loss + settings.keep_weight * torch.cat([1 - mask for mask in masks]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            step_masks(optimizer, loss, masks)
-            if on_step is not None:
-                on_step(step)
+        with frozen_parameters(classifier.graph_module):  # the masks (the gates') stay trainable
+            for step in range(settings.steps):
+                loss = classifier.loss(*_forward(classifier, x, y, settings.batch_size, generator))
+                for others, labels, trigger in stamped_sets:
+                    outputs, chosen = _forward(classifier, others, labels, settings.batch_size, generator, trigger)
+                    loss = loss + classifier.loss(outputs, chosen) / len(stamped_sets)
+                loss = loss + settings.keep_weight * torch.cat([1 - mask for mask in masks]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                step_masks(optimizer, loss, masks)
+                if on_step is not None:
+                    on_step(step)
         values = [
             (value, index, channel)
             for index, mask in enumerate(masks)
             for channel, value in enumerate(mask.detach().tolist())
         ]
     finally:
-        for parameter in parameters:
-            parameter.requires_grad_(True)
         with torch.no_grad():
             for mask in masks:
                 mask.fill_(1.0)
