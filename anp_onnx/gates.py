@@ -34,6 +34,7 @@ class NeuronGate(nn.Module):
         self.renormalise = renormalise  # re-create train-mode BatchNorm for layers that have none
         self.optimising = False  # batch statistics on (only while masks are optimised)
         self.perturbed = False  # adversarial noise on
+        self.bypassed = False  # the gate is known to be the identity (`fast_eval.bypassed_identity_gates`)
 
     def _per_channel(self, values: torch.Tensor, ndim: int) -> torch.Tensor:
         shape = [1] * ndim
@@ -41,6 +42,8 @@ class NeuronGate(nn.Module):
         return values.view(shape)
 
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
+        if self.bypassed:
+            return activation
         ndim = activation.ndim
         if self.renormalise and self.optimising:
             axes = [axis for axis in range(ndim) if axis != self.channel_axis % ndim]
@@ -54,10 +57,10 @@ class NeuronGate(nn.Module):
         stored_value = self.pruned_value
         if self.stored_dtype in (torch.float16, torch.bfloat16):
             stored_value = stored_value.to(self.stored_dtype).to(self.pruned_value.dtype)
-        pruned_value = stored_value * bias_factor
-        return self._per_channel(scale, ndim) * (
-            activation - self._per_channel(stored_value, ndim)
-        ) + self._per_channel(pruned_value, ndim)
+        # scale * (y - p) + bias_factor * p in one fused pass over the activation; exact at both
+        # ends: a mask of 1 without noise returns y, a mask of 0 returns bias_factor * p.
+        offset = (bias_factor - scale) * stored_value
+        return torch.addcmul(self._per_channel(offset, ndim), self._per_channel(scale, ndim), activation)
 
 
 class ChannelStatistics:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 from anp_onnx.anp import AnpSettings
+from anp_onnx.fast_eval import precision_name
 from anp_onnx.importer import GatedClassifier
 from anp_onnx.prune import PruningPlan
 from anp_onnx.target import LABEL_TRIGGER_STEPS, TargetSearch, search_target
@@ -56,6 +57,7 @@ class GuidedResult:
     pruning: TriggerPruningResult
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     stages: GuidedSettings = field(default_factory=GuidedSettings)
+    precision: str = "float32"  # what trigger synthesis and unlearning computed in (fast_eval.reduced_precision)
 
     @property
     def target(self) -> int:
@@ -80,6 +82,7 @@ class GuidedResult:
             **self.pruning.summary(),
             "stage_seconds": self.seconds,
             "stage_steps": asdict(self.stages),
+            "precision": self.precision,
         }
 
 
@@ -133,7 +136,7 @@ def guided_prune(
     )
     with timed(seconds, "pruning"):
         pruning = prune_against_trigger(classifier, x, y, triggers, pruning_settings, ranking=ranking)
-    return GuidedResult(search, triggers, reference, pruning, seconds, stages)
+    return GuidedResult(search, triggers, reference, pruning, seconds, stages, precision_name(classifier, x.device))
 
 
 def typical_label(search: TargetSearch) -> int:

@@ -115,7 +115,9 @@ def search_target(
     """The suspected target of calibrated `classifier` (`anp.calibrate`) from clean `x, y`: adversarial
     neuron perturbations, a patch trigger for every label (`on_label(label, labels)` after each), weighed."""
     histogram, errors = perturbation_errors(classifier, x, y, eps, rounds, seed)
-    trigger_settings = TriggerSettings("patch", steps=trigger_steps, batch_size=trigger_batch, seed=seed)
+    # float32: the sizes name the target by a 5% margin, and bfloat16 moves a label's size by as much as
+    # another seed does (up to 6% measured, docs/PERFORMANCE.md)
+    trigger_settings = TriggerSettings("patch", trigger_steps, trigger_batch, seed=seed, bfloat16=False)
     triggers = label_triggers(classifier, x, y, trigger_settings, on_label)
     evidence = weigh_evidence(histogram, [trigger.size for trigger in triggers])
     return TargetSearch(evidence, histogram, errors, triggers, errors / (rounds * len(y)))

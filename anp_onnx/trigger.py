@@ -12,6 +12,7 @@ attacker's, which the defence never sees.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from anp_onnx.errors import AnpError
+from anp_onnx.fast_eval import bypassed_identity_gates, fast_eval, reduced_precision
 from anp_onnx.importer import GatedClassifier, frozen_parameters
 
 KINDS = ("patch", "blend")
@@ -34,6 +36,7 @@ class TriggerSettings:
     batch_size: int = 128
     lr: float = 0.1
     seed: int = 0
+    bfloat16: bool = True  # compute the model in bfloat16 where native (fast_eval.reduced_precision)
 
 
 @dataclass
@@ -94,23 +97,25 @@ def synthesise_trigger(
     pattern_logit = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
     optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=settings.lr)
     labels = torch.full((settings.batch_size,), target, device=x.device)
-    classifier.eval()
-    with frozen_parameters(classifier):
+    precision = reduced_precision(classifier, x.device) if settings.bfloat16 else contextlib.nullcontext()
+    with fast_eval(classifier), bypassed_identity_gates(classifier), frozen_parameters(classifier):
         for step in range(settings.steps):
             batch = others[torch.randint(len(others), (settings.batch_size,), generator=generator, device=x.device)]
             mask = torch.sigmoid(mask_logit)
             stamped = (1 - mask) * batch + mask * (low + (high - low) * torch.sigmoid(pattern_logit))
-            loss = F.cross_entropy(classifier(stamped), labels) + SIZE_WEIGHTS[settings.kind] * mask.mean()
+            with precision:
+                outputs = classifier(stamped)
+            loss = F.cross_entropy(outputs.float(), labels) + SIZE_WEIGHTS[settings.kind] * mask.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if on_step is not None:
                 on_step(step)
-    with torch.no_grad():
-        mask = torch.sigmoid(mask_logit)
-        pattern = low + (high - low) * torch.sigmoid(pattern_logit)
-        trigger = Trigger(settings.kind, target, mask, pattern, 0.0, float(mask.sum()))
-        trigger.success = hit_rate(classifier, trigger.stamp(others), torch.full((len(others),), target))
+        with torch.no_grad():
+            mask = torch.sigmoid(mask_logit)
+            pattern = low + (high - low) * torch.sigmoid(pattern_logit)
+            trigger = Trigger(settings.kind, target, mask, pattern, 0.0, float(mask.sum()))
+            trigger.success = hit_rate(classifier, trigger.stamp(others), torch.full((len(others),), target))
     return trigger
 
 

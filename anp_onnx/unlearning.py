@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from anp_onnx.anp import step_masks
+from anp_onnx.fast_eval import fast_eval, reduced_precision
 from anp_onnx.importer import GatedClassifier, frozen_parameters
 from anp_onnx.trigger import Trigger
 
@@ -46,9 +47,8 @@ def unlearning_ranking(
     masks = [gate.mask for gate in classifier.gates]
     stamped_sets = [(x[y != trigger.target], y[y != trigger.target], trigger) for trigger in triggers]
     optimizer = torch.optim.Adam(masks, lr=settings.lr)
-    classifier.eval()
     try:
-        with frozen_parameters(classifier.graph_module):  # the masks (the gates') stay trainable
+        with fast_eval(classifier), frozen_parameters(classifier.graph_module):  # the masks (the gates') stay trainable
             for step in range(settings.steps):
                 loss = classifier.loss(*_forward(classifier, x, y, settings.batch_size, generator))
                 for others, labels, trigger in stamped_sets:
@@ -80,7 +80,10 @@ def _forward(
     generator: torch.Generator,
     trigger: Trigger | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classifier's outputs on a batch drawn with replacement (stamped with `trigger`), and its labels."""
+    """The classifier's outputs (float32, computed in `reduced_precision`) on a batch drawn with
+    replacement (stamped with `trigger`), and its labels."""
     index = torch.randint(len(x), (batch_size,), generator=generator, device=x.device)
     inputs = x[index] if trigger is None else trigger.stamp(x[index])
-    return classifier(inputs), y[index]
+    with reduced_precision(classifier, x.device):
+        outputs = classifier(inputs)
+    return outputs.float(), y[index]

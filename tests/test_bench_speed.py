@@ -29,11 +29,11 @@ def run_bench(tmp_path: Path, *options: str) -> tuple[str, dict]:
     return result.output, json.loads(output.read_text())
 
 
-def test_bench_speed_reports_four_timings_and_their_ratios(tmp_path: Path) -> None:
+def test_bench_speed_reports_five_timings_and_their_ratios(tmp_path: Path) -> None:
     output, report = run_bench(tmp_path, "--no-end-to-end")
-    assert "b/a" in output and "evaluator/bare" in output
+    assert "b/a" in output and "evaluator/bare" in output and "(f) trigger step" in output
     measurements, ratios = report["measurements"], report["ratios"]
-    assert set(measurements) == {"train_step", "anp_iteration", "reference_iteration", "evaluation"}
+    assert set(measurements) == {"train_step", "anp_iteration", "reference_iteration", "evaluation", "trigger_step"}
     medians = {key: measurements[key]["median_s"] for key in ("train_step", "anp_iteration", "reference_iteration")}
     for key, median in medians.items():
         assert median > 0, key
@@ -50,6 +50,10 @@ def test_bench_speed_reports_four_timings_and_their_ratios(tmp_path: Path) -> No
         ratios["evaluator_over_bare_throughput"],
         evaluation["evaluator_samples_per_s"] / evaluation["bare_samples_per_s"],
     )
+    trigger = measurements["trigger_step"]
+    assert len(trigger["fast_samples_s"]) == len(trigger["plain_samples_s"]) == 2
+    assert math.isclose(ratios["trigger_fast_over_plain"], trigger["fast_median_s"] / trigger["plain_median_s"])
+    assert report["machine"]["precision"] in ("bfloat16", "float32")
     assert "purify_over_reference_2000" not in ratios
     assert report["machine"]["cpu_count"] >= 1
     assert report["machine"]["torch_device"] in ("cpu", "cuda")

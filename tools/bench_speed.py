@@ -13,7 +13,11 @@ Measured on the same model and data, in one run, after `--warmup` steps that are
 (d) evaluation throughput: `Evaluator(model, "cpu").predict` against a bare onnxruntime session;
 (e) end to end: `anp_onnx.purify.purify` with every default (the trigger-guided method) on the
     example, load to written and measured file, against 2 000 reference-style iterations (2 000 times
-    (c)'s median, the paper's run length; not run whole). `--no-end-to-end` leaves it out.
+    (c)'s median, the paper's run length; not run whole). `--no-end-to-end` leaves it out;
+(f) trigger synthesis, where the default method spends most of its time: one step of
+    `trigger.synthesise_trigger` (BatchNorm folded, channels-last, identity gates skipped, bfloat16
+    where native: `anp_onnx/fast_eval.py`) against the same step written plainly (the gated model in
+    eval mode, float32), interleaved like (a)-(c).
 
 (a), (b) and (c) are interleaved: (a) and (c) run inside (b)'s callback, and the callback's own time
 is left out of (b)'s intervals, so the order in time is B A C B A C ... (d) runs afterwards, the
@@ -48,11 +52,13 @@ from anp_onnx import anp  # noqa: E402
 from anp_onnx.anp import AnpSettings  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.evaluate import EVAL_BATCH, Evaluator  # noqa: E402
+from anp_onnx.fast_eval import precision_name  # noqa: E402
 from anp_onnx.guided import GuidedSettings  # noqa: E402
 from anp_onnx.importer import convert_to_torch, import_model  # noqa: E402
 from anp_onnx.model import input_shape, load_model  # noqa: E402
 from anp_onnx.neurons import build_neuron_map  # noqa: E402
 from anp_onnx.purify import PurifyResult, purify  # noqa: E402
+from anp_onnx.trigger import INITIAL_MASKS, SIZE_WEIGHTS, TriggerSettings, synthesise_trigger  # noqa: E402
 
 DEFAULT_EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
 TRAIN_LR = 0.01
@@ -269,6 +275,74 @@ def time_torch(
     return {name: values[warmup:] for name, values in times.items()}, counts
 
 
+# ----------------------------------------------------------------------------- (f) trigger synthesis
+
+
+def make_plain_trigger_step(
+    classifier: nn.Module, others: torch.Tensor, target: int, batch_size: int, generator: torch.Generator
+) -> Callable[[], None]:
+    """One step of a patch trigger's optimisation written plainly: the gated classifier in eval mode,
+    float32, every gate applied; the same loss and optimiser as `synthesise_trigger`."""
+    classifier.eval()
+    for parameter in classifier.parameters():
+        parameter.requires_grad_(False)
+    mask_shape = [1, 1, *others.shape[2:]] if others.ndim == 4 else [1, *others.shape[1:]]
+    initial = torch.logit(torch.tensor(INITIAL_MASKS["patch"])).item()
+    mask_logit = torch.full(mask_shape, initial, device=others.device, requires_grad=True)
+    pattern_logit = torch.zeros((1, *others.shape[1:]), device=others.device, requires_grad=True)
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=0.1)
+    labels = torch.full((batch_size,), target, device=others.device)
+
+    def step() -> None:
+        batch = others[torch.randint(len(others), (batch_size,), generator=generator, device=others.device)]
+        mask = torch.sigmoid(mask_logit)
+        stamped = (1 - mask) * batch + mask * torch.sigmoid(pattern_logit)
+        loss = F.cross_entropy(classifier(stamped), labels) + SIZE_WEIGHTS["patch"] * mask.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_trigger_steps(
+    example: Path, batch_size: int, steps: int, warmup: int, device: torch.device
+) -> tuple[dict[str, list[float]], str]:
+    """Seconds per trigger-synthesis step, anp-onnx's (`synthesise_trigger`) and the plain one,
+    interleaved (the plain step runs inside the other's `on_step` callback, left out of its
+    intervals), and the precision anp-onnx's ran in."""
+    model = load_model(example / "model.onnx")
+    neuron_map = build_neuron_map(model)
+    clean = load_samples(example / "clean.npz", input_shape(model), "clean data")
+    x, y = anp.tensors(clean.x, clean.y, device)
+    settings = AnpSettings(batch_size=batch_size)
+    classifiers = []
+    for _ in range(2):
+        classifier = import_model(model, neuron_map, renormalise=True).to(device)
+        anp.calibrate(classifier, x, settings)
+        classifiers.append(classifier)
+    target = int(y[0])
+    generator = torch.Generator(device=device).manual_seed(1)
+    plain_step = make_plain_trigger_step(classifiers[1], x[y != target], target, batch_size, generator)
+    times: dict[str, list[float]] = {"trigger_fast": [], "trigger_plain": []}
+    last_exit = [0.0]
+
+    def on_step(_step: int) -> None:
+        synchronise(device)
+        times["trigger_fast"].append(time.perf_counter() - last_exit[0])
+        start = time.perf_counter()
+        plain_step()
+        synchronise(device)
+        times["trigger_plain"].append(time.perf_counter() - start)
+        last_exit[0] = time.perf_counter()
+
+    trigger_settings = TriggerSettings("patch", steps=warmup + steps, batch_size=batch_size)
+    synchronise(device)
+    last_exit[0] = time.perf_counter()
+    synthesise_trigger(classifiers[0], x, y, target, trigger_settings, on_step)
+    return {name: values[warmup:] for name, values in times.items()}, precision_name(classifiers[0], device)
+
+
 # ----------------------------------------------------------------------------- (d) evaluation
 
 
@@ -303,9 +377,14 @@ def time_evaluation(example: Path, steps: int, warmup: int) -> tuple[dict[str, l
 
 
 def summarise(
-    torch_times: dict[str, list[float]], eval_times: dict[str, list[float]], eval_samples: int
+    torch_times: dict[str, list[float]],
+    eval_times: dict[str, list[float]],
+    eval_samples: int,
+    trigger_times: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, dict[str, object]], dict[str, float]]:
-    medians = {key: statistics.median(values) for key, values in {**torch_times, **eval_times}.items()}
+    trigger_times = trigger_times or {}
+    every = {**torch_times, **eval_times, **trigger_times}
+    medians = {key: statistics.median(values) for key, values in every.items()}
     throughput = {key: eval_samples / medians[key] for key in eval_times}
     measurements: dict[str, dict[str, object]] = {
         "train_step": {"median_s": medians["train"], "samples_s": torch_times["train"]},
@@ -327,6 +406,14 @@ def summarise(
         "anp_over_reference": medians["anp"] / medians["reference"],
         "evaluator_over_bare_throughput": throughput["evaluator"] / throughput["bare"],
     }
+    if trigger_times:
+        measurements["trigger_step"] = {
+            "fast_median_s": medians["trigger_fast"],
+            "plain_median_s": medians["trigger_plain"],
+            "fast_samples_s": trigger_times["trigger_fast"],
+            "plain_samples_s": trigger_times["trigger_plain"],
+        }
+        ratios["trigger_fast_over_plain"] = medians["trigger_fast"] / medians["trigger_plain"]
     return measurements, ratios
 
 
@@ -352,6 +439,14 @@ def table(result: dict[str, object]) -> str:
         f"b/a  {r['anp_over_train']:.2f}   c/a  {r['reference_over_train']:.2f}   "
         f"b/c  {r['anp_over_reference']:.2f}   evaluator/bare throughput  {r['evaluator_over_bare_throughput']:.2f}",
     ]
+    if "trigger_step" in m:
+        trigger = m["trigger_step"]
+        lines += [
+            "",
+            f"(f) trigger step, anp-onnx ({info['precision']}): {trigger['fast_median_s'] * 1000:.1f} ms; "
+            f"plain (float32, gated): {trigger['plain_median_s'] * 1000:.1f} ms; "
+            f"ratio {r['trigger_fast_over_plain']:.2f}",
+        ]
     if end_to_end:
         before, after = end_to_end["before"], end_to_end["after"]
         lines += [
@@ -405,14 +500,15 @@ def run_benchmark(
     device = torch_device()
     torch_times, counts = time_torch(example, batch_size, steps, warmup, device)
     eval_times, eval_samples = time_evaluation(example, steps, warmup)
-    measurements, ratios = summarise(torch_times, eval_times, eval_samples)
+    trigger_times, precision = time_trigger_steps(example, batch_size, steps, warmup, device)
+    measurements, ratios = summarise(torch_times, eval_times, eval_samples, trigger_times)
     if end_to_end:
         measurements["purify_end_to_end"] = time_end_to_end(example)
         reference_run = REFERENCE_ITERATIONS * measurements["reference_iteration"]["median_s"]
         measurements["purify_end_to_end"]["reference_2000_s"] = reference_run
         ratios["purify_over_reference_2000"] = measurements["purify_end_to_end"]["seconds"] / reference_run
     return {
-        "machine": machine(device),
+        "machine": {**machine(device), "precision": precision},  # of trigger synthesis and unlearning
         "settings": {
             "example": str(example),
             "batch_size": batch_size,

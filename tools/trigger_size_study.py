@@ -46,7 +46,7 @@ def study_model(folder: Path, steps: int, kind: str, rounds: int, seed: int) -> 
     )
     started = time.perf_counter()
     histogram, errors = perturbation_errors(classifier, x, y, 0.4, rounds, seed)
-    triggers = label_triggers(classifier, x, y, TriggerSettings(kind, steps=steps, seed=seed))
+    triggers = label_triggers(classifier, x, y, TriggerSettings(kind, steps=steps, seed=seed, bfloat16=False))
     sizes = [round(trigger.size, 3) for trigger in triggers]
     meta = json.loads((folder / "meta.json").read_text())
     return {
