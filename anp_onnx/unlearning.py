@@ -13,6 +13,7 @@ channel that the rewriter writes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,12 +48,15 @@ def unlearning_ranking(
     masks = [gate.mask for gate in classifier.gates]
     stamped_sets = [(x[y != trigger.target], y[y != trigger.target], trigger) for trigger in triggers]
     optimizer = torch.optim.Adam(masks, lr=settings.lr)
+    precision = reduced_precision(classifier, x.device)
     try:
         with fast_eval(classifier), frozen_parameters(classifier.graph_module):  # the masks (the gates') stay trainable
             for step in range(settings.steps):
-                loss = classifier.loss(*_forward(classifier, x, y, settings.batch_size, generator))
+                loss = classifier.loss(*_forward(classifier, x, y, settings.batch_size, generator, precision))
                 for others, labels, trigger in stamped_sets:
-                    outputs, chosen = _forward(classifier, others, labels, settings.batch_size, generator, trigger)
+                    outputs, chosen = _forward(
+                        classifier, others, labels, settings.batch_size, generator, precision, trigger
+                    )
                     loss = loss + classifier.loss(outputs, chosen) / len(stamped_sets)
                 loss = loss + settings.keep_weight * torch.cat([1 - mask for mask in masks]).mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -78,12 +82,13 @@ def _forward(
     y: torch.Tensor,
     batch_size: int,
     generator: torch.Generator,
+    precision: contextlib.AbstractContextManager,
     trigger: Trigger | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classifier's outputs (float32, computed in `reduced_precision`) on a batch drawn with
+    """The classifier's outputs (float32, computed inside `precision`) on a batch drawn with
     replacement (stamped with `trigger`), and its labels."""
     index = torch.randint(len(x), (batch_size,), generator=generator, device=x.device)
     inputs = x[index] if trigger is None else trigger.stamp(x[index])
-    with reduced_precision(classifier, x.device):
+    with precision:
         outputs = classifier(inputs)
     return outputs.float(), y[index]

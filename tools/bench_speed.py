@@ -58,6 +58,7 @@ from anp_onnx.importer import convert_to_torch, import_model  # noqa: E402
 from anp_onnx.model import input_shape, load_model  # noqa: E402
 from anp_onnx.neurons import build_neuron_map  # noqa: E402
 from anp_onnx.purify import PurifyResult, purify  # noqa: E402
+from anp_onnx.scan import calibrated_classifier  # noqa: E402
 from anp_onnx.trigger import INITIAL_MASKS, SIZE_WEIGHTS, TriggerSettings, synthesise_trigger  # noqa: E402
 
 DEFAULT_EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
@@ -282,7 +283,8 @@ def make_plain_trigger_step(
     classifier: nn.Module, others: torch.Tensor, target: int, batch_size: int, generator: torch.Generator
 ) -> Callable[[], None]:
     """One step of a patch trigger's optimisation written plainly: the gated classifier in eval mode,
-    float32, every gate applied; the same loss and optimiser as `synthesise_trigger`."""
+    float32, every gate applied; the loss and optimiser of `synthesise_trigger` (the pattern kept in
+    [0, 1] instead of the data's range, which costs the same)."""
     classifier.eval()
     for parameter in classifier.parameters():
         parameter.requires_grad_(False)
@@ -311,15 +313,9 @@ def time_trigger_steps(
     """Seconds per trigger-synthesis step, anp-onnx's (`synthesise_trigger`) and the plain one,
     interleaved (the plain step runs inside the other's `on_step` callback, left out of its
     intervals), and the precision anp-onnx's ran in."""
-    model = load_model(example / "model.onnx")
-    neuron_map = build_neuron_map(model)
-    clean = load_samples(example / "clean.npz", input_shape(model), "clean data")
-    x, y = anp.tensors(clean.x, clean.y, device)
-    settings = AnpSettings(batch_size=batch_size)
     classifiers = []
     for _ in range(2):
-        classifier = import_model(model, neuron_map, renormalise=True).to(device)
-        anp.calibrate(classifier, x, settings)
+        classifier, x, y = calibrated_classifier(example / "model.onnx", example / "clean.npz", device, seed=0)
         classifiers.append(classifier)
     target = int(y[0])
     generator = torch.Generator(device=device).manual_seed(1)
