@@ -22,7 +22,7 @@ import torch
 
 from anp_onnx.fast_eval import fast_eval
 from anp_onnx.importer import GatedClassifier, hard_masks
-from anp_onnx.prune import PrunedNeuron, PruningPlan
+from anp_onnx.prune import PrunedNeuron, PruningPlan, within_budget
 from anp_onnx.trigger import Trigger, hit_rate
 
 
@@ -138,7 +138,7 @@ def _greedy_rounds(
             result.stopped_because = "no neuron left to prune"
             break
         _, layer_index, channel, accuracy, synthetic_after = best
-        if baseline - accuracy > settings.max_acc_drop:
+        if not within_budget(baseline - accuracy, settings.max_acc_drop):
             result.stopped_because = f"next neuron would cost {baseline - accuracy:.3f} of clean accuracy"
             break
         layer, gate = pairs[layer_index]

@@ -1,6 +1,14 @@
 import numpy as np
 
-from anp_onnx.prune import MaskValues, PruningPlan, by_accuracy_budget, by_count, by_fraction, by_threshold
+from anp_onnx.prune import (
+    MaskValues,
+    PruningPlan,
+    by_accuracy_budget,
+    by_count,
+    by_fraction,
+    by_threshold,
+    within_budget,
+)
 
 VALUES = MaskValues(
     masks={"a": np.array([0.9, 0.05, 0.5]), "b": np.array([0.1, 1.0, 0.3, 0.15])},
@@ -38,3 +46,16 @@ def test_accuracy_budget_takes_the_most_neurons_within_the_drop():
     assert pairs(plan) == pairs(by_count(VALUES, 2))
     assert seen == [0, 1, 2, 3, 4, 5, 6, 7]
     assert pairs(by_accuracy_budget(VALUES, 0.0, accuracy_of, max_fraction=1.0)) == pairs(by_count(VALUES, 1))
+
+
+def test_a_drop_of_exactly_the_budget_is_within_it_despite_float_rounding():
+    assert 0.916 - 0.886 > 0.03  # what the float subtraction gives
+    assert within_budget(0.916 - 0.886, 0.03)
+    assert not within_budget(0.916 - 0.884, 0.03)
+    accuracy_by_count = {0: 0.916, 1: 0.886, 2: 0.884}
+
+    def accuracy_of(plan: PruningPlan) -> float:
+        return accuracy_by_count.get(len(plan.neurons), 0.0)
+
+    plan = by_accuracy_budget(VALUES, 0.03, accuracy_of, max_fraction=1.0)
+    assert pairs(plan) == pairs(by_count(VALUES, 1))

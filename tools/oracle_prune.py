@@ -5,6 +5,10 @@ of the test and poison data, then reports ACC/ASR on the rest. This is not a def
 from poisoned data); it bounds what any pruning-only defence can reach on the model, e.g.::
 
     .venv/bin/python tools/oracle_prune.py examples/badnets_resnet_bn --rounds 30
+
+With `--smooth` the ASR term is the mean probability of the target on the poisoned images (from
+the logits' softmax, as the bench's models output): where the backdoor runs through many neurons
+(the MLPs), pruning one of them moves no prediction and the ASR alone leaves the greedy choice blind.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ if str(ROOT) not in sys.path:
 from anp_onnx import anp  # noqa: E402
 from anp_onnx.anp import AnpSettings  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
+from anp_onnx.fast_eval import fast_eval  # noqa: E402
 from anp_onnx.importer import import_model  # noqa: E402
 from anp_onnx.model import input_shape  # noqa: E402
 from anp_onnx.neurons import build_neuron_map  # noqa: E402
@@ -33,12 +38,20 @@ def hit_rate(classifier, x: torch.Tensor, y: torch.Tensor) -> float:
         return 100 * float((classifier(x).argmax(1) == y).float().mean())
 
 
+def label_probability(classifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100 * float(classifier(x).softmax(1).gather(1, y[:, None]).mean())
+
+
 @click.command()
 @click.argument("example", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--rounds", default=30, show_default=True)
 @click.option("--select", default=300, show_default=True, help="Test and poison samples used to choose.")
 @click.option("--weight", default=1.0, show_default=True, help="Weight of the ACC drop against ASR.")
-def main(example: Path, rounds: int, select: int, weight: float) -> None:
+@click.option("--smooth", is_flag=True, help="Score the target's mean probability instead of the ASR.")
+@click.option("--threads", default=1, show_default=True, help="torch threads.")
+def main(example: Path, rounds: int, select: int, weight: float, smooth: bool, threads: int) -> None:
+    torch.set_num_threads(threads)
     model = onnx.load(str(example / "model.onnx"))
     neuron_map = build_neuron_map(model)
     shape = input_shape(model)
@@ -48,13 +61,19 @@ def main(example: Path, rounds: int, select: int, weight: float) -> None:
     classifier.eval()
     pick = [torch.from_numpy(a[:select]) for a in (test.x, test.y, poison.x, poison.y)]
     rest = [torch.from_numpy(a[select:]) for a in (test.x, test.y, poison.x, poison.y)]
-    gates = list(zip(classifier.neuron_map.layers, classifier.gates, strict=True))
-    base_acc = hit_rate(classifier, pick[0], pick[1])
     click.echo(
         f"{example.name}: before ACC/ASR on the rest {hit_rate(classifier, *rest[:2]):.1f}/"
         f"{hit_rate(classifier, *rest[2:]):.1f}"
     )
-    pruned: list[tuple[str, int]] = []
+    with fast_eval(classifier):
+        _greedy_oracle(classifier, pick, rest, rounds, weight, label_probability if smooth else hit_rate)
+
+
+def _greedy_oracle(
+    classifier, pick: list[torch.Tensor], rest: list[torch.Tensor], rounds: int, weight: float, backdoor_term
+) -> None:
+    gates = list(zip(classifier.neuron_map.layers, classifier.gates, strict=True))
+    base_acc = hit_rate(classifier, pick[0], pick[1])
     for round_ in range(1, rounds + 1):
         best = None
         for layer, gate in gates:
@@ -63,7 +82,7 @@ def main(example: Path, rounds: int, select: int, weight: float) -> None:
                     continue
                 with torch.no_grad():
                     gate.mask[channel] = 0.0
-                acc, asr = hit_rate(classifier, pick[0], pick[1]), hit_rate(classifier, pick[2], pick[3])
+                acc, asr = hit_rate(classifier, pick[0], pick[1]), backdoor_term(classifier, pick[2], pick[3])
                 with torch.no_grad():
                     gate.mask[channel] = 1.0
                 score = asr + weight * max(0.0, base_acc - acc)
@@ -73,7 +92,6 @@ def main(example: Path, rounds: int, select: int, weight: float) -> None:
         _, name, channel, gate, acc, asr = best
         with torch.no_grad():
             gate.mask[channel] = 0.0
-        pruned.append((name, channel))
         click.echo(
             f"round {round_:2d}: {name}[{channel}] select {acc:.1f}/{asr:.1f}  "
             f"rest ACC/ASR {hit_rate(classifier, *rest[:2]):.1f}/{hit_rate(classifier, *rest[2:]):.1f}"
