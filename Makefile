@@ -54,7 +54,7 @@ examples: $(INSTALLED) fashion-mnist
 
 # The defence benchmark (issues 3 and 5): trains the grid's models once into cache/bench/ (41 min when trained
 # one after another on 2 CPU cores; they now train side by side within the cores), then anp-onnx's default,
-# Fine-Pruning and CLP through the same rewriter, and the scan, on every model (38 min with BENCH_JOBS=2 on the
+# Fine-Pruning and CLP through the same rewriter, and the scan, on every model (30 min with BENCH_JOBS=2 on the
 # 2-core machine); writes docs/RESULTS.md, docs/results.json and the threshold figure. Options:
 # `$(PY) tools/bench_defense.py --help` (e.g. --cells, --methods, --jobs).
 bench: $(INSTALLED) fashion-mnist
