@@ -49,9 +49,10 @@ def label_probability(classifier, x: torch.Tensor, y: torch.Tensor) -> float:
 @click.option("--select", default=300, show_default=True, help="Test and poison samples used to choose.")
 @click.option("--weight", default=1.0, show_default=True, help="Weight of the ACC drop against ASR.")
 @click.option("--smooth", is_flag=True, help="Score the target's mean probability instead of the ASR.")
-@click.option("--threads", default=1, show_default=True, help="torch threads.")
-def main(example: Path, rounds: int, select: int, weight: float, smooth: bool, threads: int) -> None:
-    torch.set_num_threads(threads)
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's own).")
+def main(example: Path, rounds: int, select: int, weight: float, smooth: bool, threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
     model = onnx.load(str(example / "model.onnx"))
     neuron_map = build_neuron_map(model)
     shape = input_shape(model)
