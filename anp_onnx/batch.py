@@ -20,6 +20,7 @@ from typing import Protocol
 
 from anp_onnx.errors import AnpError
 from anp_onnx.manifest import PATH_KEYS, BatchJob
+from anp_onnx.prune import within_budget
 
 STATUSES = ("purified", "skipped", "failed", "refused")
 FINGERPRINT_VERSION = 1
@@ -59,9 +60,9 @@ class Policy:
         before_acc, after_acc, after_asr = outcome.before["acc"], outcome.after["acc"], outcome.after["asr"]
         if self.max_acc_drop is not None and before_acc is not None and after_acc is not None:
             drop = before_acc - after_acc
-            if drop > self.max_acc_drop + 1e-12:
+            if not within_budget(drop, self.max_acc_drop):
                 found.append(f"ACC dropped {100 * drop:.2f} points (policy: at most {100 * self.max_acc_drop:.2f})")
-        if self.max_asr is not None and after_asr is not None and after_asr > self.max_asr + 1e-12:
+        if self.max_asr is not None and after_asr is not None and not within_budget(after_asr, self.max_asr):
             found.append(f"ASR {100 * after_asr:.2f}% after purification (policy: at most {100 * self.max_asr:.2f}%)")
         return found
 

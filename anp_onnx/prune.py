@@ -69,8 +69,8 @@ def by_fraction(values: MaskValues, fraction: float) -> PruningPlan:
 
 
 def within_budget(drop: float, budget: float) -> bool:
-    """Whether an accuracy drop stays within the budget; accuracies are shares of a sample count, so
-    a drop of exactly the budget (0.916 - 0.886 against 0.03) must not fail on float rounding."""
+    """Whether a share of a sample count (an accuracy drop, an ASR) stays within its budget; a value of
+    exactly the budget (0.916 - 0.886 against 0.03) must not fail on float rounding."""
     return drop <= budget + 1e-9
 
 
