@@ -145,12 +145,12 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def calibrated_example():
     """A function: the bundled example `name` (tools/make_examples.py) imported and calibrated as purify
     does it, with its clean samples as tensors: (classifier, x, y). A fresh classifier each call."""
-    from anp_onnx import anp
-    from anp_onnx.anp import AnpSettings
+    from anp_onnx.bridge.importer import import_model
     from anp_onnx.data import load_samples
-    from anp_onnx.importer import import_model
-    from anp_onnx.model import input_shape
-    from anp_onnx.purify import load_prunable
+    from anp_onnx.methods import anp
+    from anp_onnx.methods.anp import AnpSettings
+    from anp_onnx.onnx.model import input_shape
+    from anp_onnx.pipeline.purify import load_prunable
 
     def load(name: str):
         folder = EXAMPLES / name
@@ -171,7 +171,7 @@ def backdoored_example_purified_by_default(tmp_path_factory: pytest.TempPathFact
     One run for the tests that check what the default does: it takes minutes on two CPU cores."""
     from click.testing import CliRunner
 
-    from anp_onnx.cli import main
+    from anp_onnx.cli.main import main
 
     folder = EXAMPLES / "badnets_resnet_bn"
     root = tmp_path_factory.mktemp("default-purify")

@@ -12,13 +12,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from anp_onnx import anp
-from anp_onnx.anp import AnpSettings
-from anp_onnx.importer import GatedClassifier, check_equivalence, hard_masks, import_model, is_float16
-from anp_onnx.model import check_supported, class_output_index, load_model, normalised_for_torch
-from anp_onnx.neurons import NeuronMap, build_neuron_map
+from anp_onnx.bridge.importer import GatedClassifier, check_equivalence, hard_masks, import_model, is_float16
+from anp_onnx.bridge.normalise import normalised_for_torch
+from anp_onnx.methods import anp
+from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.onnx.model import check_supported, class_output_index, load_model
+from anp_onnx.onnx.neurons import NeuronMap, build_neuron_map
+from anp_onnx.onnx.rewrite import apply_plan
 from anp_onnx.prune import MaskValues, PruningPlan
-from anp_onnx.rewrite import apply_plan
 
 REWRITE_TOLERANCE = 1e-4  # of the largest output (at least 1), as importer.check_equivalence measures
 FLOAT16_TOLERANCE = 1e-2  # onnxruntime runs a float16 model in float16, torch in float32

@@ -3,10 +3,10 @@ import onnx
 import pytest
 import torch
 
-from anp_onnx import anp
-from anp_onnx.anp import AnpSettings
-from anp_onnx.importer import import_model
-from anp_onnx.neurons import build_neuron_map
+from anp_onnx.bridge.importer import import_model
+from anp_onnx.methods import anp
+from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.onnx.neurons import build_neuron_map
 
 FEW = AnpSettings(iterations=6, batch_size=16)
 

@@ -12,12 +12,12 @@ import torch
 from conftest import export
 from torch import nn
 
-from anp_onnx import baselines
 from anp_onnx.data import Samples, load_samples
-from anp_onnx.model import input_shape
-from anp_onnx.neurons import NeuronMap, build_neuron_map
+from anp_onnx.methods import baselines
+from anp_onnx.onnx.model import input_shape
+from anp_onnx.onnx.neurons import NeuronMap, build_neuron_map
+from anp_onnx.onnx.rewrite import apply_plan
 from anp_onnx.prune import PruningPlan
-from anp_onnx.rewrite import apply_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -21,9 +21,9 @@ from conftest import default_sigint
 from matplotlib.image import imread
 from onnx import TensorProto, helper, numpy_helper
 
-from anp_onnx.cli import main
+from anp_onnx.cli.main import main
 from anp_onnx.data import load_samples
-from anp_onnx.evaluate import Evaluator
+from anp_onnx.validate.evaluate import Evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -302,7 +302,7 @@ def test_an_interrupted_batch_leaves_whole_files_only_and_the_rerun_completes_th
         [
             sys.executable,
             "-m",
-            "anp_onnx.cli",
+            "anp_onnx.cli.main",
             "batch",
             "--manifest",
             write_manifest(tmp_path / "a.json", data, first, endless),

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from anp_onnx.batch import fingerprint
+from anp_onnx.batch.manifest import plan_jobs
+from anp_onnx.batch.runner import fingerprint
 from anp_onnx.errors import AnpError
-from anp_onnx.manifest import plan_jobs
 
 CLI_DEFAULTS = {"method": "trigger", "iterations": 2000, "batch_size": 128, "threshold": None, "seed": 0, "data": None}
 

@@ -19,14 +19,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from anp_onnx.data import load_samples  # noqa: E402
-from anp_onnx.datasets import FASHION_MNIST_ROOT  # noqa: E402
-from anp_onnx.evaluate import Evaluator  # noqa: E402
-from anp_onnx.model import input_shape, load_model  # noqa: E402
+from anp_onnx.onnx.model import input_shape, load_model  # noqa: E402
+from anp_onnx.validate.evaluate import Evaluator  # noqa: E402
 from tools.architectures import mlp  # noqa: E402
 from tools.attacks import BadNets  # noqa: E402
 from tools.bench_defense import main  # noqa: E402
 from tools.bench_grid import ALL_MODELS, BenchModel, is_ready, select  # noqa: E402
 from tools.bench_report import auroc, comparison_lines, scan_summary  # noqa: E402
+from tools.datasets import FASHION_MNIST_ROOT  # noqa: E402
 from tools.train_backdoor import export_onnx, save_npz, to_input  # noqa: E402
 
 EPOCHS = 1  # the recipe the cached test models claim (the bench retrains anything else)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from anp_onnx.cli import main
+from anp_onnx.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
@@ -130,7 +130,9 @@ def test_inspect_lists_prunable_layers_and_the_head(models):
 
 def test_the_console_script_runs_as_a_real_process(models):
     completed = subprocess.run(
-        [sys.executable, "-m", "anp_onnx.cli", "inspect", str(models["folded"])], capture_output=True, text=True
+        [sys.executable, "-m", "anp_onnx.cli", "inspect", str(models["folded"])],
+        capture_output=True,
+        text=True,
     )
     assert completed.returncode == 0, completed.stderr
     assert "prunable layers: 3, neurons: 26" in completed.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anp_onnx.datasets import (
+from tools.datasets import (
     FASHION_MNIST_ROOT,
     load_cifar10,
     load_fashion_mnist,

@@ -5,7 +5,7 @@ from onnx import numpy_helper
 
 from anp_onnx.data import Samples, open_samples
 from anp_onnx.errors import AnpError
-from anp_onnx.evaluate import Evaluator, providers_for
+from anp_onnx.validate.evaluate import Evaluator, providers_for
 
 
 def numpy_forward(model_path, x):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from anp_onnx.fast_eval import (
+from anp_onnx.bridge.fast_eval import (
     FULL_PRECISION_VARIABLE,
     bfloat16_native,
     bfloat16_pays,
@@ -19,7 +19,7 @@ from anp_onnx.fast_eval import (
     precision_name,
     reduced_precision,
 )
-from anp_onnx.trigger import TriggerSettings, synthesise_trigger
+from anp_onnx.methods.trigger.synthesis import TriggerSettings, synthesise_trigger
 
 
 def outputs(classifier, x):

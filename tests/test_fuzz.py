@@ -16,7 +16,7 @@ from conftest import matmul_mlp, random_samples
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from anp_onnx.cli import main
+from anp_onnx.cli.main import main
 
 EXAMPLES = int(os.environ.get("ANP_FUZZ_EXAMPLES", "50"))
 PURIFY_EXAMPLES = max(5, EXAMPLES // 20)

@@ -13,10 +13,10 @@ import pytest
 from coverage_check import round_trip
 from onnx import TensorProto, helper, numpy_helper
 
-from anp_onnx.graph import Graph
-from anp_onnx.neurons import build_neuron_map, channel_entries
+from anp_onnx.onnx.graph import Graph
+from anp_onnx.onnx.neurons import build_neuron_map, channel_entries
+from anp_onnx.onnx.rewrite import apply_plan
 from anp_onnx.prune import PrunedNeuron, PruningPlan
-from anp_onnx.rewrite import apply_plan
 
 IMAGE = (3, 8, 8)
 FEATURES = 12

@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from anp_onnx.cli import main
-from anp_onnx.guided import ANOMALOUS_BLEND, BLEND_STEPS
-from anp_onnx.purify import purify
-from anp_onnx.target import perturbation_errors, suspected_target
-from anp_onnx.trigger import TriggerSettings, hit_rate, synthesise_trigger
-from anp_onnx.trigger_pruning import TriggerPruningSettings, prune_against_trigger
+from anp_onnx.cli.main import main
+from anp_onnx.methods.trigger.guided import ANOMALOUS_BLEND, BLEND_STEPS
+from anp_onnx.methods.trigger.pruning import TriggerPruningSettings, prune_against_trigger
+from anp_onnx.methods.trigger.synthesis import TriggerSettings, hit_rate, synthesise_trigger
+from anp_onnx.methods.trigger.target import perturbation_errors, suspected_target
+from anp_onnx.pipeline.purify import purify
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BACKDOORED = EXAMPLES / "badnets_resnet_bn"  # BadNets patch, target 0

@@ -11,7 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from conftest import INPUT_SHAPE, random_samples
 
-from anp_onnx.guided import GuidedSettings, guided_steps
+from anp_onnx.methods.trigger.guided import GuidedSettings, guided_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from conftest import matmul_mlp, random_samples
 
-from anp_onnx.cli import main
+from anp_onnx.cli.main import main
 
 FEATURES, CLASSES = 20, 5
 QUICK = ("--method", "anp", "--iterations", "1", "--batch-size", "4")
@@ -166,7 +166,18 @@ def _file_size_limit() -> None:
 def test_a_full_disk_while_writing_keeps_the_previous_file(tmp_path, mlp, vectors):
     output = tmp_path / "out.onnx"
     output.write_bytes(b"previous")
-    command = [sys.executable, "-m", "anp_onnx.cli", "purify", mlp, "--data", vectors, "-o", output, "--force"]
+    command = [
+        sys.executable,
+        "-m",
+        "anp_onnx.cli.main",
+        "purify",
+        mlp,
+        "--data",
+        vectors,
+        "-o",
+        output,
+        "--force",
+    ]
     completed = subprocess.run(
         [str(part) for part in [*command, *QUICK]], capture_output=True, text=True, preexec_fn=_file_size_limit
     )

@@ -18,14 +18,14 @@ from coverage_check import ort_outputs, round_trip
 from onnx import numpy_helper
 from torch import nn
 
-from anp_onnx import anp
-from anp_onnx.anp import AnpSettings
-from anp_onnx.cli import main
-from anp_onnx.importer import FALLBACK_OPSET, hard_masks, import_model, output_kind
-from anp_onnx.model import normalised_for_torch
-from anp_onnx.neurons import build_neuron_map
+from anp_onnx.bridge.importer import FALLBACK_OPSET, hard_masks, import_model, output_kind
+from anp_onnx.bridge.normalise import normalised_for_torch
+from anp_onnx.cli.main import main
+from anp_onnx.methods import anp
+from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.onnx.neurons import build_neuron_map
+from anp_onnx.pipeline.purify import PruningChoice, purify
 from anp_onnx.prune import PruningPlan
-from anp_onnx.purify import PruningChoice, purify
 
 SHORT = AnpSettings(method="anp", iterations=3, batch_size=16)
 

@@ -4,9 +4,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from anp_onnx.bridge.importer import convert_to_torch
+from anp_onnx.bridge.normalise import normalised_for_torch
 from anp_onnx.errors import AnpError
-from anp_onnx.importer import convert_to_torch
-from anp_onnx.model import Graph, load_model, normalised_for_torch
+from anp_onnx.onnx.graph import Graph
+from anp_onnx.onnx.model import load_model
 
 
 def test_torchscript_export_with_kept_batch_norm_has_identity_initializers(models):

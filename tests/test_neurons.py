@@ -1,8 +1,8 @@
 import onnx
 import pytest
 
-from anp_onnx.model import Graph
-from anp_onnx.neurons import build_neuron_map, current_bias
+from anp_onnx.onnx.graph import Graph
+from anp_onnx.onnx.neurons import build_neuron_map, current_bias
 
 
 def layers_of(path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.image import imread
 
-from anp_onnx.plots import plot_mask_distribution, plot_threshold_sweep
 from anp_onnx.prune import MaskValues
-from anp_onnx.sweep import SweepPoint
+from anp_onnx.report.plots import plot_mask_distribution, plot_threshold_sweep
+from anp_onnx.validate.sweep import SweepPoint
 
 BLUE, RED = (0x4C, 0x72, 0xB0), (0xC4, 0x4E, 0x52)
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import random_samples
 from onnx import TensorProto, helper, numpy_helper
 
-from anp_onnx.cli import main
+from anp_onnx.cli.main import main
 
 SHAPE = (1, 6, 6)
 

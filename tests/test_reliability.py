@@ -12,7 +12,7 @@ from conftest import default_sigint
 SLOW_WRITER = """
 import sys, time
 from pathlib import Path
-from anp_onnx.rewrite import write_atomically
+from anp_onnx.onnx.rewrite import write_atomically
 
 def slow(temporary: Path) -> None:
     with temporary.open("wb") as handle:
@@ -65,7 +65,7 @@ def test_an_interrupt_during_optimisation_writes_nothing(tmp_path, models, image
         [
             sys.executable,
             "-m",
-            "anp_onnx.cli",
+            "anp_onnx.cli.main",
             "purify",
             str(models["folded"]),
             "--data",

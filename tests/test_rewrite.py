@@ -5,12 +5,12 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from anp_onnx import anp
-from anp_onnx.anp import AnpSettings
-from anp_onnx.importer import hard_masks, import_model
-from anp_onnx.neurons import build_neuron_map
+from anp_onnx.bridge.importer import hard_masks, import_model
+from anp_onnx.methods import anp
+from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.onnx.neurons import build_neuron_map
+from anp_onnx.onnx.rewrite import apply_plan, save_model
 from anp_onnx.prune import PruningPlan
-from anp_onnx.rewrite import apply_plan, save_model
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from anp_onnx.cli import main
+from anp_onnx.cli.main import main
 from anp_onnx.errors import AnpError
-from anp_onnx.scan import SUSPICIOUS_SCORE, TRIGGER_STEPS, scan
+from anp_onnx.pipeline.scan import SUSPICIOUS_SCORE, TRIGGER_STEPS, scan
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from anp_onnx import prune
-from anp_onnx.anp import AnpSettings
 from anp_onnx.data import Samples, load_samples
-from anp_onnx.evaluate import Evaluator
-from anp_onnx.model import input_shape, load_model
-from anp_onnx.purify import PruningChoice, purify
-from anp_onnx.report import purify_report
-from anp_onnx.rewrite import apply_plan, save_model
-from anp_onnx.sweep import DEFAULT_THRESHOLDS, masks_from_report, threshold_sweep
+from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.onnx.model import input_shape, load_model
+from anp_onnx.onnx.rewrite import apply_plan, save_model
+from anp_onnx.pipeline.purify import PruningChoice, purify
+from anp_onnx.report.json_report import purify_report
+from anp_onnx.validate.evaluate import Evaluator
+from anp_onnx.validate.sweep import DEFAULT_THRESHOLDS, masks_from_report, threshold_sweep
 
 
 @pytest.fixture(scope="module")

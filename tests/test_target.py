@@ -1,10 +1,10 @@
-"""How the scan weighs its two signals (anp_onnx.target.weigh_evidence): the trigger sizes shortlist
+"""How the scan weighs its two signals (anp_onnx.methods.trigger.target.weigh_evidence): the trigger sizes shortlist
 the labels, the perturbation's errors pick among them, and the score is the stronger signal."""
 
 import numpy as np
 import pytest
 
-from anp_onnx.target import SIZE_TIE, weigh_evidence
+from anp_onnx.methods.trigger.target import SIZE_TIE, weigh_evidence
 
 
 def test_the_smallest_trigger_names_the_target_even_when_the_perturbation_points_elsewhere():

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anp_onnx.datasets import FASHION_MNIST_ROOT  # noqa: E402
 from tools.architectures import ARCHITECTURES, build  # noqa: E402
 from tools.attacks import SIG, BadNets, Blend, FTrojan, WaNet, _dct_matrix, make_attack  # noqa: E402
+from tools.datasets import FASHION_MNIST_ROOT  # noqa: E402
 from tools.train_backdoor import export_onnx, parse_trigger  # noqa: E402
 
 

@@ -18,8 +18,8 @@ import torchvision
 from coverage_check import round_trip
 from torch import nn
 
-from anp_onnx.anp import AnpSettings
-from anp_onnx.purify import PruningChoice, purify
+from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.pipeline.purify import PruningChoice, purify
 
 FAST = ("resnet18", "mobilenet_v3_small")
 SLOW = ("efficientnet_b0", "vgg11_bn", "densenet121")

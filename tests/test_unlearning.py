@@ -3,8 +3,8 @@ on the bundled BadNets example (tools/make_examples.py trains it); the model is 
 
 import torch
 
-from anp_onnx.trigger import TriggerSettings, hit_rate, synthesise_trigger
-from anp_onnx.unlearning import UnlearningSettings, unlearning_ranking
+from anp_onnx.methods.trigger.synthesis import TriggerSettings, hit_rate, synthesise_trigger
+from anp_onnx.methods.trigger.unlearning import UnlearningSettings, unlearning_ranking
 
 QUICK = UnlearningSettings(steps=120)
 

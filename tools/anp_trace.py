@@ -23,14 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anp_onnx import anp, prune  # noqa: E402
-from anp_onnx.anp import AnpSettings  # noqa: E402
+from anp_onnx import prune  # noqa: E402
+from anp_onnx.bridge.importer import import_model  # noqa: E402
 from anp_onnx.data import Samples, load_samples  # noqa: E402
-from anp_onnx.importer import import_model  # noqa: E402
-from anp_onnx.model import input_shape  # noqa: E402
-from anp_onnx.neurons import build_neuron_map  # noqa: E402
+from anp_onnx.methods import anp  # noqa: E402
+from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.onnx.model import input_shape  # noqa: E402
+from anp_onnx.onnx.neurons import build_neuron_map  # noqa: E402
+from anp_onnx.onnx.rewrite import apply_plan  # noqa: E402
 from anp_onnx.prune import MaskValues, PruningPlan  # noqa: E402
-from anp_onnx.rewrite import apply_plan  # noqa: E402
 from tools.anp_sweep import predictions  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """The defence benchmark (issue 3, run by ``make bench``): ANP against Fine-Pruning and CLP on a grid of
 backdoored Fashion-MNIST models, and the trigger-free scan (issue 5) on backdoored and clean models.
 
-For each backdoored model: ACC and ASR before, after ``anp_onnx.purify.purify`` with the package's
+For each backdoored model: ACC and ASR before, after ``anp_onnx.pipeline.purify.purify`` with the package's
 defaults (500 clean images), after Fine-Pruning and after CLP, all written by the same rewriter and
 measured with onnxruntime; the scan's score and suspected target for every model, with the detection
 AUROC and target hit rate. Writes ``RESULTS.md``, ``results.json`` and the threshold figure into
@@ -36,22 +36,22 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from anp_onnx import baselines  # noqa: E402
-from anp_onnx.anp import AnpSettings  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
-from anp_onnx.evaluate import Evaluator, Metrics  # noqa: E402
-from anp_onnx.guided import ANOMALOUS_BLEND, BLEND_STEPS, DEFAULT_MAX_ACC_DROP  # noqa: E402
-from anp_onnx.model import input_shape  # noqa: E402
-from anp_onnx.plots import plot_threshold_sweep  # noqa: E402
+from anp_onnx.methods import baselines  # noqa: E402
+from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.methods.trigger.guided import ANOMALOUS_BLEND, BLEND_STEPS, DEFAULT_MAX_ACC_DROP  # noqa: E402
+from anp_onnx.methods.trigger.pruning import TriggerPruningSettings  # noqa: E402
+from anp_onnx.methods.trigger.synthesis import TriggerSettings  # noqa: E402
+from anp_onnx.methods.trigger.target import LABEL_TRIGGER_STEPS, PERTURBATION_ROUNDS, suspected_target  # noqa: E402
+from anp_onnx.methods.trigger.unlearning import UnlearningSettings  # noqa: E402
+from anp_onnx.onnx.model import input_shape  # noqa: E402
+from anp_onnx.onnx.rewrite import apply_plan, save_model  # noqa: E402
+from anp_onnx.pipeline.purify import PruningChoice, PurifyResult, load_prunable, progress_label, purify  # noqa: E402
+from anp_onnx.pipeline.scan import SUSPICIOUS_SCORE, scan  # noqa: E402
 from anp_onnx.prune import DEFAULT_THRESHOLD, PruningPlan  # noqa: E402
-from anp_onnx.purify import PruningChoice, PurifyResult, load_prunable, progress_label, purify  # noqa: E402
-from anp_onnx.rewrite import apply_plan, save_model  # noqa: E402
-from anp_onnx.scan import SUSPICIOUS_SCORE, scan  # noqa: E402
-from anp_onnx.sweep import threshold_sweep  # noqa: E402
-from anp_onnx.target import LABEL_TRIGGER_STEPS, PERTURBATION_ROUNDS, suspected_target  # noqa: E402
-from anp_onnx.trigger import TriggerSettings  # noqa: E402
-from anp_onnx.trigger_pruning import TriggerPruningSettings  # noqa: E402
-from anp_onnx.unlearning import UnlearningSettings  # noqa: E402
+from anp_onnx.report.plots import plot_threshold_sweep  # noqa: E402
+from anp_onnx.validate.evaluate import Evaluator, Metrics  # noqa: E402
+from anp_onnx.validate.sweep import threshold_sweep  # noqa: E402
 from tools.bench_grid import ALL_MODELS, DEFAULT_EPOCHS, BenchModel, ensure_trained, select  # noqa: E402
 from tools.bench_report import DEFAULT_METHODS, METHODS, method_summary, scan_summary, write_results  # noqa: E402
 
@@ -166,7 +166,7 @@ SCAN_FIELDS = ("score", "suspected_target", "target_share", "size_ratio", "pertu
 
 def scan_from_purify(guided: dict) -> dict:
     """The scan's figures as purify's target search measured them: the same functions, seed and settings
-    as `anp_onnx.scan.scan` (tests/test_bench_defense.py checks that the two agree), so the bench does not
+    as `anp_onnx.pipeline.scan.scan` (tests/test_bench_defense.py checks that the two agree), so the bench does not
     run them twice on a backdoored model."""
     return {
         "score": guided["score"],

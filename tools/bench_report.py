@@ -182,11 +182,12 @@ def results_markdown(results: dict) -> str:
         "",
         "## Settings",
         "",
-        f"- **anp-onnx**: `anp_onnx.purify.purify` with the package defaults ({settings['guided_note']}).",
+        f"- **anp-onnx**: `anp_onnx.pipeline.purify.purify` with the package defaults ({settings['guided_note']}).",
         f"- **ANP masks**: the same with `method='anp'`, the paper's loop and threshold ({settings['anp_note']}).",
         f"- **Fine-Pruning** (pruning only): {settings['fp_note']}",
         f"- **CLP**: {settings['clp_note']}",
-        f"- **scan**: `anp_onnx.scan.scan` with its defaults, on each model's 500 clean images{_scan_source(results)}.",
+        f"- **scan**: `anp_onnx.pipeline.scan.scan` with its defaults, on each model's 500 clean images"
+        f"{_scan_source(results)}.",
         "",
         "## ACC / ASR before and after each defence",
         "",
@@ -223,8 +224,8 @@ def results_markdown(results: dict) -> str:
         "Suspected target: the label whose synthesised patch trigger is smallest, the perturbation's errors "
         "deciding between labels whose sizes are within 5% of it; score: the larger of that label's share of "
         "the errors under adversarial neuron perturbations and of one minus its trigger's size over the "
-        "median label's (`anp_onnx.target.weigh_evidence`). The last column is the label the perturbation "
-        "alone would name (the scan before the triggers).",
+        "median label's (`anp_onnx.methods.trigger.target.weigh_evidence`). The last column is the label the "
+        "perturbation alone would name (the scan before the triggers).",
         "",
         *scan_table(cells, clean),
         "",

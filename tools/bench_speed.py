@@ -11,7 +11,7 @@ Measured on the same model and data, in one run, after `--warmup` steps that are
 (c) reference: one iteration of a loop written like the paper's `mask_train`: each BatchNorm's
     weight/bias rebuilt every pass from mask and noise, three forward passes per iteration;
 (d) evaluation throughput: `Evaluator(model, "cpu").predict` against a bare onnxruntime session;
-(e) end to end: `anp_onnx.purify.purify` with every default (the trigger-guided method) on the
+(e) end to end: `anp_onnx.pipeline.purify.purify` with every default (the trigger-guided method) on the
     example, load to written and measured file, against 2 000 reference-style iterations (2 000 times
     (c)'s median, the paper's run length; not run whole). `--no-end-to-end` leaves it out;
 (f) trigger synthesis, where the default method spends most of its time: one step of
@@ -48,18 +48,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anp_onnx import anp  # noqa: E402
-from anp_onnx.anp import AnpSettings  # noqa: E402
+from anp_onnx.bridge.fast_eval import precision_name  # noqa: E402
+from anp_onnx.bridge.importer import convert_to_torch, import_model  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
-from anp_onnx.evaluate import EVAL_BATCH, Evaluator  # noqa: E402
-from anp_onnx.fast_eval import precision_name  # noqa: E402
-from anp_onnx.guided import GuidedSettings  # noqa: E402
-from anp_onnx.importer import convert_to_torch, import_model  # noqa: E402
-from anp_onnx.model import input_shape, load_model  # noqa: E402
-from anp_onnx.neurons import build_neuron_map  # noqa: E402
-from anp_onnx.purify import PurifyResult, purify  # noqa: E402
-from anp_onnx.scan import calibrated_classifier  # noqa: E402
-from anp_onnx.trigger import INITIAL_MASKS, SIZE_WEIGHTS, TriggerSettings, synthesise_trigger  # noqa: E402
+from anp_onnx.methods import anp  # noqa: E402
+from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.methods.trigger.guided import GuidedSettings  # noqa: E402
+from anp_onnx.methods.trigger.synthesis import INITIAL_MASKS, SIZE_WEIGHTS, TriggerSettings, synthesise_trigger  # noqa: E402
+from anp_onnx.onnx.model import input_shape, load_model  # noqa: E402
+from anp_onnx.onnx.neurons import build_neuron_map  # noqa: E402
+from anp_onnx.pipeline.purify import PurifyResult, purify  # noqa: E402
+from anp_onnx.pipeline.scan import calibrated_classifier  # noqa: E402
+from anp_onnx.validate.evaluate import EVAL_BATCH, Evaluator  # noqa: E402
 
 DEFAULT_EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
 TRAIN_LR = 0.01

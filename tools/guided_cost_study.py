@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anp_onnx.guided import GuidedSettings  # noqa: E402
+from anp_onnx.methods.trigger.guided import GuidedSettings  # noqa: E402
 from tools.bench_speed import timed_purify  # noqa: E402
 
 

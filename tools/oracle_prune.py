@@ -24,13 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anp_onnx import anp  # noqa: E402
-from anp_onnx.anp import AnpSettings  # noqa: E402
+from anp_onnx.bridge.fast_eval import fast_eval  # noqa: E402
+from anp_onnx.bridge.importer import import_model  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
-from anp_onnx.fast_eval import fast_eval  # noqa: E402
-from anp_onnx.importer import import_model  # noqa: E402
-from anp_onnx.model import input_shape  # noqa: E402
-from anp_onnx.neurons import build_neuron_map  # noqa: E402
+from anp_onnx.methods import anp  # noqa: E402
+from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.onnx.model import input_shape  # noqa: E402
+from anp_onnx.onnx.neurons import build_neuron_map  # noqa: E402
 
 
 def hit_rate(classifier, x: torch.Tensor, y: torch.Tensor) -> float:

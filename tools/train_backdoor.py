@@ -38,9 +38,9 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from anp_onnx.datasets import load_cifar10, load_fashion_mnist  # noqa: E402
 from tools.architectures import ARCHITECTURES, build  # noqa: E402
 from tools.attacks import ATTACKS, Attack, make_attack  # noqa: E402
+from tools.datasets import load_cifar10, load_fashion_mnist  # noqa: E402
 
 DEFAULT_EPOCHS = {"fashion-mnist": 3, "cifar10": 60}
 PARITY_TOLERANCE = 1e-3

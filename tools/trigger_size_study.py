@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anp_onnx.purify import resolve_device  # noqa: E402
-from anp_onnx.scan import TRIGGER_STEPS, calibrated_classifier  # noqa: E402
-from anp_onnx.target import perturbation_errors, suspected_target, weigh_evidence  # noqa: E402
-from anp_onnx.trigger import TriggerSettings, label_triggers  # noqa: E402
+from anp_onnx.methods.trigger.synthesis import TriggerSettings, label_triggers  # noqa: E402
+from anp_onnx.methods.trigger.target import perturbation_errors, suspected_target, weigh_evidence  # noqa: E402
+from anp_onnx.pipeline.purify import resolve_device  # noqa: E402
+from anp_onnx.pipeline.scan import TRIGGER_STEPS, calibrated_classifier  # noqa: E402
 from tools.bench_report import auroc  # noqa: E402
 
 

@@ -1,0 +1,3 @@
+from anp_onnx.cli.main import main
+
+main()

@@ -1,0 +1,145 @@
+"""Trigger-guided pruning (`--method trigger`, the default): the backdoor's target label is named from
+clean data (as `anp-onnx scan` does: adversarial neuron perturbations and a trigger per label), triggers
+for that label are synthesised, masks are unlearned against them, and the neurons the triggers rely on
+are pruned one at a time within a clean-accuracy budget.
+
+Why not the masks alone: on narrow networks ANP's masks do not isolate the backdoor neurons
+(docs/METHOD.md); the perturbation's errors and the triggers' sizes still point at the target label, and
+triggers synthesised for it give a clean-data stand-in for the attack that pruning can be judged against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+
+from anp_onnx.bridge.fast_eval import precision_name
+from anp_onnx.bridge.importer import GatedClassifier
+from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.methods.trigger.pruning import TriggerPruningResult, TriggerPruningSettings, prune_against_trigger
+from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, synthesise_trigger
+from anp_onnx.methods.trigger.target import LABEL_TRIGGER_STEPS, TargetSearch, search_target
+from anp_onnx.methods.trigger.unlearning import UnlearningSettings, unlearning_ranking
+from anp_onnx.prune import PruningPlan
+from anp_onnx.timing import timed
+
+DEFAULT_MAX_ACC_DROP = TriggerPruningSettings().max_acc_drop  # the budget, on the clean data given
+BLEND_STEPS = 200  # the blend's opacity ranks labels alike from 200 steps as from 400 (docs/METHOD.md)
+ANOMALOUS_BLEND = 0.5  # the blend is pruned against when the target's opacity is at most this x a typical label's
+
+
+@dataclass(frozen=True)
+class GuidedSettings:
+    """Steps (and the label search's batch) of each stage; the defaults are what the benchmark
+    measured (docs/RESULTS.md). Fewer are faster and, measured, worse (docs/PERFORMANCE.md)."""
+
+    label_trigger_steps: int = LABEL_TRIGGER_STEPS
+    label_trigger_batch: int = TriggerSettings().batch_size
+    patch_steps: int = TriggerSettings().steps
+    blend_steps: int = BLEND_STEPS
+    unlearning_steps: int = UnlearningSettings().steps
+
+    def scaled(self, factor: float) -> GuidedSettings:
+        """Every count times `factor`, rounded, at least 1."""
+        return replace(self, **{item.name: max(1, round(getattr(self, item.name) * factor)) for item in fields(self)})
+
+
+@dataclass
+class GuidedResult:
+    """`triggers`: the ones pruned against (the patch, and the blend when anomalous); `blend_reference`:
+    the blend synthesised for a typical label, which the target's is compared with."""
+
+    search: TargetSearch
+    triggers: list[Trigger]
+    blend_reference: Trigger
+    pruning: TriggerPruningResult
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    stages: GuidedSettings = field(default_factory=GuidedSettings)
+    precision: str = "float32"  # what trigger synthesis and unlearning computed in (fast_eval.reduced_precision)
+
+    @property
+    def target(self) -> int:
+        return self.search.evidence.label
+
+    @property
+    def plan(self) -> PruningPlan:
+        return self.pruning.plan
+
+    def summary(self) -> dict[str, object]:
+        evidence = self.search.evidence
+        return {
+            "suspected_target": self.target,
+            "target_share": round(evidence.share, 4),
+            "size_ratio": round(evidence.size_ratio, 4),
+            "score": round(evidence.score, 4),
+            "error_rate": round(self.search.error_rate, 4),
+            "label_histogram": [int(count) for count in self.search.histogram],
+            "label_trigger_sizes": [round(size, 2) for size in self.search.sizes],
+            "triggers": [trigger.summary() for trigger in self.triggers],
+            "blend_reference": self.blend_reference.summary(),
+            **self.pruning.summary(),
+            "stage_seconds": self.seconds,
+            "stage_steps": asdict(self.stages),
+            "precision": self.precision,
+        }
+
+
+def guided_steps(labels: int, stages: GuidedSettings | None = None) -> int:
+    """How many steps `guided_prune` reports through `on_step` for a classifier with `labels` classes."""
+    stages = stages or GuidedSettings()
+    triggers = labels * stages.label_trigger_steps + stages.patch_steps + 2 * stages.blend_steps
+    return triggers + stages.unlearning_steps
+
+
+def guided_prune(
+    classifier: GatedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: AnpSettings,
+    max_acc_drop: float | None = None,
+    on_step: Callable[[], None] | None = None,
+    stages: GuidedSettings | None = None,
+) -> GuidedResult:
+    """The stages on calibrated `classifier` (`anp.calibrate`) and clean `x, y`; its masks end hard.
+    `on_step()` after each of the `guided_steps` steps of trigger synthesis and unlearning."""
+    stages = stages or GuidedSettings()
+    step = (lambda *_: on_step()) if on_step else None
+    label_progress = (lambda *_: [on_step() for _ in range(stages.label_trigger_steps)]) if on_step else None
+    seconds: dict[str, float] = {}
+    with timed(seconds, "target"):
+        search = search_target(
+            classifier,
+            x,
+            y,
+            eps=settings.eps,
+            trigger_steps=stages.label_trigger_steps,
+            trigger_batch=stages.label_trigger_batch,
+            seed=settings.seed,
+            on_label=label_progress,
+        )
+    target = search.evidence.label
+    with timed(seconds, "triggers"):
+        patch_settings = TriggerSettings("patch", steps=stages.patch_steps, seed=settings.seed)
+        triggers = [synthesise_trigger(classifier, x, y, target, patch_settings, step)]
+        blend_settings = TriggerSettings("blend", steps=stages.blend_steps, seed=settings.seed)
+        blend = synthesise_trigger(classifier, x, y, target, blend_settings, step)
+        reference = synthesise_trigger(classifier, x, y, typical_label(search), blend_settings, step)
+        if blend.size <= ANOMALOUS_BLEND * reference.size:
+            triggers.append(blend)
+    with timed(seconds, "unlearning"):
+        unlearning = UnlearningSettings(steps=stages.unlearning_steps, seed=settings.seed)
+        ranking = unlearning_ranking(classifier, x, y, triggers, unlearning, step)
+    pruning_settings = (
+        TriggerPruningSettings() if max_acc_drop is None else TriggerPruningSettings(max_acc_drop=max_acc_drop)
+    )
+    with timed(seconds, "pruning"):
+        pruning = prune_against_trigger(classifier, x, y, triggers, pruning_settings, ranking=ranking)
+    return GuidedResult(search, triggers, reference, pruning, seconds, stages, precision_name(classifier, x.device))
+
+
+def typical_label(search: TargetSearch) -> int:
+    """The label whose patch trigger has the median size (the upper one of an even count)."""
+    ranked = sorted(range(len(search.sizes)), key=lambda label: search.sizes[label])
+    return ranked[len(ranked) // 2]

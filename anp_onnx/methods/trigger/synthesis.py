@@ -1,0 +1,162 @@
+"""A trigger synthesised from clean data for one label (after Neural Cleanse, Wang et al. S&P 2019).
+
+    stamped = (1 - m) * x + m * pattern,   min  CE(f(stamped), target) + size_weight * mean(m)
+
+Two shapes of `m`: a "patch" mask covers the input's positions (one value per pixel, shared by the
+channels; one per feature for flat inputs), as Neural Cleanse; a "blend" mask is one opacity for the
+whole input, a full-image pattern blended in, as Blend-style attacks do (a patch models those
+poorly). The pattern stays inside the clean data's value range. A backdoored model's target label
+is reached with a small mask (or a low opacity); the synthetic trigger then stands in for the
+attacker's, which the defence never sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anp_onnx.bridge.fast_eval import bypassed_identity_gates, fast_eval, reduced_precision
+from anp_onnx.bridge.importer import GatedClassifier, frozen_parameters
+from anp_onnx.errors import AnpError
+
+KINDS = ("patch", "blend")
+SIZE_WEIGHTS = {"patch": 3.0, "blend": 1.0}  # weight of the mask's mean against the target loss
+INITIAL_MASKS = {"patch": 0.05, "blend": 0.12}
+
+
+@dataclass(frozen=True)
+class TriggerSettings:
+    kind: str = "patch"
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 0.1
+    seed: int = 0
+    bfloat16: bool = True  # compute the model in bfloat16 where native (fast_eval.reduced_precision)
+
+
+@dataclass
+class Trigger:
+    """`mask` and `pattern` broadcast against one input; `success`: share of clean inputs of other
+    labels that the stamp sends to `target`; `size`: the mask's sum (pixels or features for a patch,
+    the opacity for a blend)."""
+
+    kind: str
+    target: int
+    mask: torch.Tensor
+    pattern: torch.Tensor
+    success: float
+    size: float
+
+    def stamp(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (1 - self.mask) * inputs + self.mask * self.pattern
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "success": round(self.success, 4),
+            "size": round(self.size, 3),
+        }
+
+
+def channel_axis_of(inputs: torch.Tensor) -> int | None:
+    """The channel axis of image batches (NCHW or NHWC by the smaller side); None for other inputs."""
+    if inputs.ndim != 4:
+        return None
+    return 3 if inputs.shape[3] in (1, 3, 4) and inputs.shape[1] not in (1, 3, 4) else 1
+
+
+def synthesise_trigger(
+    classifier: GatedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: int,
+    settings: TriggerSettings | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Trigger:
+    """Optimise a mask and pattern that send clean inputs of other labels to `target`."""
+    settings = settings or TriggerSettings()
+    others = x[y != target]
+    if len(others) == 0:
+        raise AnpError(f"every clean sample is labelled {target}: no other label to synthesise a trigger from")
+    generator = torch.Generator(device=x.device).manual_seed(settings.seed)
+    axis = channel_axis_of(x)
+    mask_shape = [1, *x.shape[1:]]
+    if axis is not None:
+        mask_shape[axis] = 1
+    if settings.kind == "blend":
+        mask_shape = [1] * x.ndim
+    low, high = _value_range(x, axis)
+    initial = torch.logit(torch.tensor(INITIAL_MASKS[settings.kind])).item()
+    mask_logit = torch.full(mask_shape, initial, device=x.device, requires_grad=True)
+    pattern_logit = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
+    optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=settings.lr)
+    labels = torch.full((settings.batch_size,), target, device=x.device)
+    precision = reduced_precision(classifier, x.device) if settings.bfloat16 else contextlib.nullcontext()
+    with fast_eval(classifier), bypassed_identity_gates(classifier), frozen_parameters(classifier):
+        for step in range(settings.steps):
+            batch = others[torch.randint(len(others), (settings.batch_size,), generator=generator, device=x.device)]
+            mask = torch.sigmoid(mask_logit)
+            stamped = (1 - mask) * batch + mask * (low + (high - low) * torch.sigmoid(pattern_logit))
+            with precision:
+                outputs = classifier(stamped)
+            loss = F.cross_entropy(outputs.float(), labels) + SIZE_WEIGHTS[settings.kind] * mask.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step(step)
+        with torch.no_grad():
+            mask = torch.sigmoid(mask_logit)
+            pattern = low + (high - low) * torch.sigmoid(pattern_logit)
+            trigger = Trigger(settings.kind, target, mask, pattern, 0.0, float(mask.sum()))
+            trigger.success = hit_rate(classifier, trigger.stamp(others), torch.full((len(others),), target))
+    return trigger
+
+
+def label_triggers(
+    classifier: GatedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: TriggerSettings,
+    on_label: Callable[[int, int], None] | None = None,
+) -> list[Trigger]:
+    """A trigger for every label the classifier outputs, in label order; `on_label(label, labels)`
+    after each one."""
+    classifier.eval()
+    with torch.no_grad():
+        labels = int(classifier(x[:1]).shape[1])
+    triggers = []
+    for label in range(labels):
+        triggers.append(synthesise_trigger(classifier, x, y, label, settings))
+        if on_label is not None:
+            on_label(label, labels)
+    return triggers
+
+
+def hit_rate(classifier: GatedClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
+    """Share of `inputs` the classifier puts on their label."""
+    hits = 0
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            predicted = classifier(inputs[start : start + batch_size]).argmax(1)
+            hits += int((predicted == labels[start : start + batch_size].to(predicted.device)).sum())
+    return hits / len(inputs)
+
+
+def _value_range(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel minimum and maximum of clean images; over all values for other inputs (a feature
+    that is constant on clean data, such as a border pixel, must still be free to carry a trigger)."""
+    if axis is None:
+        return x.min(), x.max()
+    dims = [dim for dim in range(x.ndim) if dim != axis]
+    return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+
+
+def as_numpy(trigger: Trigger) -> dict[str, np.ndarray]:
+    return {"mask": trigger.mask.cpu().numpy()[0], "pattern": trigger.pattern.cpu().numpy()[0]}
