@@ -8,7 +8,7 @@ EXAMPLE := examples/badnets_resnet_bn
 OUT := out
 BENCH_JOBS ?= 2  # models measured side by side by make bench (one torch thread each on the 2-core machine)
 
-.PHONY: install demo test test-slow fuzz lint format fashion-mnist examples bench bench-speed clean
+.PHONY: install demo test test-slow fuzz lint format fashion-mnist examples keras-model bench bench-speed clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,13 +52,32 @@ fashion-mnist:
 examples: $(INSTALLED) fashion-mnist
 	$(PY) tools/make_examples.py
 
-# The defence benchmark (issues 3 and 5): trains the grid's models once into cache/bench/ (41 min when trained
-# one after another on 2 CPU cores; they now train side by side within the cores), then anp-onnx's default,
-# Fine-Pruning and CLP through the same rewriter, and the scan, on every model (30 min with BENCH_JOBS=2 on the
-# 2-core machine); writes docs/RESULTS.md, docs/results.json and the threshold figure. Options:
-# `$(PY) tools/bench_defense.py --help` (e.g. --cells, --methods, --jobs).
+# A small backdoored Keras CNN whose tf2onnx export ends in Softmax (issue 24), into cache/keras_softmax/
+# (model.onnx, clean/test/poison.npz, meta.json; about two minutes on 2 CPU cores). TensorFlow lives in
+# its own .venv-keras, installed once (the stamp file), never in .venv or `make test`'s install.
+# KERAS_ATTACK=blend trains the blended-trigger variant into cache/keras_softmax_blend/.
+KERAS_VENV := .venv-keras
+KERAS_INSTALLED := $(KERAS_VENV)/.installed
+KERAS_ATTACK ?= badnets
+KERAS_OUT := cache/keras_softmax$(if $(filter badnets,$(KERAS_ATTACK)),,_$(KERAS_ATTACK))
+
+$(KERAS_INSTALLED):
+	test -x $(KERAS_VENV)/bin/python || $(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/python -m pip install --quiet tensorflow-cpu==2.15.1 tf2onnx==1.16.1 onnxruntime==1.19.2 'numpy<2'
+	touch $(KERAS_INSTALLED)
+
+keras-model: $(KERAS_INSTALLED) fashion-mnist
+	$(KERAS_VENV)/bin/python tools/keras_softmax_model.py --attack $(KERAS_ATTACK) --out-dir $(KERAS_OUT)
+
+# The defence benchmark (issues 3, 5, 22): trains the grid's models once into cache/bench/ (41 min when trained
+# one after another on 2 CPU cores; they train side by side within the cores), then anp-onnx's default
+# (prune + repair, and the same run's pruning alone), Fine-Pruning and CLP through the same rewriters, and the
+# scan, on every model; the Keras/tf2onnx Softmax models of `make keras-model` join as rows of their own where
+# they have been made (cache/keras_softmax*/). Writes docs/RESULTS.md, docs/results.json and the threshold
+# figure; the measured wall time is in RESULTS.md. Options: `$(PY) tools/bench_defense.py --help`.
+EXTERNAL_MODELS := $(patsubst %/model.onnx,%,$(wildcard cache/keras_softmax*/model.onnx))
 bench: $(INSTALLED) fashion-mnist
-	$(PY) tools/bench_defense.py --jobs $(BENCH_JOBS)
+	$(PY) tools/bench_defense.py --jobs $(BENCH_JOBS) $(foreach dir,$(EXTERNAL_MODELS),--external $(dir))
 
 # Cost of one ANP iteration in plain training steps, against a reference-style loop, and
 # onnxruntime evaluation throughput (issue 6); prints ratios measured side by side.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +22,7 @@ import numpy as np
 from anp_onnx.errors import AnpError
 
 STREAM_ROWS = 1024  # samples read at a time from a streamed file
+IMAGE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: the channel counts that tell a channel axis from a side
 _READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError)
 
 
@@ -38,6 +39,18 @@ class Samples:
     def batches(self, rows: int = STREAM_ROWS) -> Iterator[Samples]:
         for start in range(0, len(self), rows):
             yield Samples(self.x[start : start + rows], self.y[start : start + rows])
+
+
+def split_holdout(samples: Samples, share: float, seed: int, what: str = "holdout") -> tuple[Samples, Samples]:
+    """(the rest, `share` of the samples held out), by a seeded permutation: the same seed holds out
+    the same samples wherever a method judges its pruning on data it did not decide from. `what`
+    names the setting in the error when a side would be empty."""
+    count = round(len(samples) * share)
+    if count < 1 or count >= len(samples):
+        raise AnpError(f"{what} {share:g} leaves no samples on one side of {len(samples)}")
+    order = np.random.default_rng(seed).permutation(len(samples))
+    held, kept = order[:count], order[count:]
+    return Samples(samples.x[kept], samples.y[kept]), Samples(samples.x[held], samples.y[held])
 
 
 @dataclass(frozen=True)
@@ -126,13 +139,16 @@ def _npy_header(member: BinaryIO, source: str) -> tuple[tuple[int, ...], bool, n
     return shape, fortran_order, dtype
 
 
+def is_channels_last(shape: Sequence[int | None]) -> bool:
+    """Whether a 4-D image batch shape is NHWC rather than NCHW: its last axis has an image's channel
+    count and its second does not. The one layout guess the package makes (data, triggers, plots)."""
+    return len(shape) == 4 and shape[3] in IMAGE_CHANNELS and shape[1] not in IMAGE_CHANNELS
+
+
 def input_layout(shape: tuple[int | None, ...]) -> str:
     """'NCHW', 'NHWC', or 'flat'/'other' for the model's input shape."""
     if len(shape) == 4:
-        channels_first, channels_last = shape[1], shape[3]
-        if channels_last in (1, 3, 4) and channels_first not in (1, 3, 4):
-            return "NHWC"
-        return "NCHW"
+        return "NHWC" if is_channels_last(shape) else "NCHW"
     return "flat" if len(shape) == 2 else "other"
 
 

@@ -158,7 +158,7 @@ def calibrated_example():
         clean = load_samples(folder / "clean.npz", input_shape(model))
         classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index)
         x, y = anp.tensors(clean.x, clean.y, torch.device("cpu"))
-        anp.calibrate(classifier, x, AnpSettings())
+        anp.calibrate(classifier, x, neuron_mode=AnpSettings().neuron_mode)
         return classifier, x, y
 
     return load

@@ -16,7 +16,7 @@ def prepared(path, samples_path, settings=FEW):
     classifier = import_model(model, build_neuron_map(model), renormalise=True)
     data = np.load(samples_path)
     x, y = anp.tensors(data["x"], data["y"], torch.device("cpu"))
-    anp.calibrate(classifier, x, settings)
+    anp.calibrate(classifier, x, neuron_mode=settings.neuron_mode)
     return classifier, x, y
 
 

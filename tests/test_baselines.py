@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from conftest import export
 from torch import nn
 
-from anp_onnx.data import Samples, load_samples
+from anp_onnx.data import Samples, load_samples, split_holdout
 from anp_onnx.methods import baselines
 from anp_onnx.onnx.model import input_shape
 from anp_onnx.onnx.neurons import NeuronMap, build_neuron_map
@@ -189,11 +190,55 @@ def test_fine_pruning_keeps_held_out_accuracy_within_the_budget() -> None:
     assert_well_formed(plan, model, neuron_map)
     head = {layer.name for layer in baselines.head_layers(model, neuron_map)}
     assert {neuron.layer for neuron in plan.neurons} <= head
-    _, held_out = baselines.split_clean(clean, 0.2, seed=0)
+    _, held_out = split_holdout(clean, 0.2, seed=0)
     accuracy_of = baselines.held_out_accuracy(model, neuron_map, held_out)
     assert accuracy_of(PruningPlan("none", ())) - accuracy_of(plan) <= 0.02 + 1e-9
     masks = [neuron.mask for neuron in plan.neurons]
     assert masks == sorted(masks)  # least active first
+
+
+def export_fixed_batch(net: nn.Module, path: Path, batch: int) -> Path:
+    """TorchScript export with BatchNorm kept and the batch dimension fixed: the graph takes `batch` samples only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (torch.rand(batch, *INPUT),),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+        )
+    return path
+
+
+def test_fine_pruning_runs_a_fixed_batch_graph_on_sample_counts_that_leave_a_short_last_batch(tmp_path: Path) -> None:
+    """45 samples: 36 to rank on and 9 held out, neither a multiple of the graph's batch of 8. The short
+    last batch is padded, so activations, held-out accuracy and the plan are the dynamic-batch model's."""
+    fixed, fixed_map = load(export_fixed_batch(wide_cnn(), tmp_path / "fixed.onnx", batch=8))
+    dynamic, dynamic_map = load(export(wide_cnn(), tmp_path / "dynamic.onnx", keep_batch_norm=True, input_shape=INPUT))
+    assert fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 8
+    assert [layer.name for layer in fixed_map.layers] == [layer.name for layer in dynamic_map.layers]
+    clean = images(45, seed=4)
+    measured = baselines.mean_activations(fixed, list(fixed_map.layers), clean.x[:37])
+    expected = baselines.mean_activations(dynamic, list(dynamic_map.layers), clean.x[:37])
+    assert list(measured) == list(expected)
+    for name, values in measured.items():
+        np.testing.assert_allclose(values, expected[name], rtol=1e-5, atol=1e-7)
+
+    kept, held_out = split_holdout(clean, 0.2, seed=0)
+    assert (len(kept) % 8, len(held_out) % 8) == (4, 1)
+    plan = baselines.fine_pruning(fixed, fixed_map, clean, max_acc_drop=0.5, scope="all")
+    dynamic_plan = baselines.fine_pruning(dynamic, dynamic_map, clean, max_acc_drop=0.5, scope="all")
+    assert plan.neurons
+    assert [(n.layer, n.channel) for n in plan.neurons] == [(n.layer, n.channel) for n in dynamic_plan.neurons]
+    half = PruningPlan("half", plan.neurons[: len(plan.neurons) // 2])
+    pruned = apply_plan(dynamic, dynamic_map, half).SerializeToString()
+    logits = ort.InferenceSession(pruned, providers=["CPUExecutionProvider"]).run(None, {"input": held_out.x})[0]
+    accuracy = baselines.held_out_accuracy(fixed, fixed_map, held_out)(half)
+    assert accuracy == np.count_nonzero(logits.argmax(1) == held_out.y) / len(held_out)
 
 
 # ----------------------------------------------------------------------------- through the rewriter

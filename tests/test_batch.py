@@ -97,7 +97,8 @@ def test_three_good_models_are_purified_and_the_corrupt_one_fails_with_exit_code
     summary = json.loads((out_dir / "summary.json").read_text())
     statuses = {model["name"]: model["status"] for model in summary["models"]}
     assert statuses == {"badnets": "purified", "blend": "purified", "clean": "purified", "corrupt": "failed"}
-    assert summary["counts"] == {"purified": 3, "skipped": 0, "failed": 1, "refused": 0, "policy_violations": 0}
+    counts = {"purified": 3, "residual": 0, "skipped": 0, "failed": 1, "refused": 0, "policy_violations": 0}
+    assert summary["counts"] == counts
     corrupt = summary["models"][-1]
     assert "not a readable ONNX model" in corrupt["reason"] and corrupt["after"] is None
     assert "[4/4] corrupt: failed" in result.output
@@ -360,12 +361,13 @@ def test_the_default_method_reports_the_synthetic_trigger_and_each_pruning_round
     report_dir = run["report_dir"]
     report = json.loads((report_dir / "model.report.json").read_text())
     assert report["settings"]["method"] == "trigger" and report["guided"]["triggers"][0]["kind"] == "patch"
-    sweep = report["sweep"]
-    assert [point["pruned"] for point in sweep] == list(range(report["pruned_neurons"] + 1))
-    assert (sweep[-1]["acc"], sweep[-1]["asr"]) == (report["after"]["acc"], report["after"]["asr"])
+    sweep, rounds = report["sweep"], report["guided"]["rounds"]
+    assert [point["pruned"] for point in sweep] == list(range(len(rounds) + 1))  # the method's pruning
     assert (sweep[0]["acc"], sweep[0]["asr"]) == (report["before"]["acc"], report["before"]["asr"])
+    if not report["repair"]["ran"]:  # the written model is the last prefix
+        assert (sweep[-1]["acc"], sweep[-1]["asr"]) == (report["after"]["acc"], report["after"]["asr"])
     page = (report_dir / "index.html").read_text()
-    for kind, size in (("trigger", (360, 960)), ("rounds", (440, 640))):
+    for kind, size in (("trigger", (360, 960)), ("rounds", (440, 640)), ("repair", (440, 640))):
         assert imread(report_dir / f"model.{kind}.png").shape[:2] == size
         assert f'src="model.{kind}.png"' in page
     assert not (report_dir / "model.masks.png").exists()

@@ -13,7 +13,7 @@ from anp_onnx.batch.manifest import plan_jobs
 from anp_onnx.batch.runner import fingerprint
 from anp_onnx.errors import AnpError
 
-CLI_DEFAULTS = {"method": "trigger", "iterations": 2000, "batch_size": 128, "threshold": None, "seed": 0, "data": None}
+CLI_DEFAULTS = {"method": "trigger", "data": None}  # the CLI passes only the options the user gave
 
 
 @pytest.fixture
@@ -57,9 +57,10 @@ def test_a_manifest_gives_per_model_settings_over_the_command_line(tree):
     assert (first.name, second.name) == ("a", "vendor_b_model")
     assert first.model == tree / "config" / "../vendor_a/model.onnx"
     assert first.options.data == tree / "config" / "clean.npz"
-    assert (first.options.settings.iterations, second.options.settings.iterations) == (50, 7)
-    assert first.options.pruning.count == 3 and first.options.pruning.threshold is None  # replaces, no clash
-    assert second.options.pruning.threshold == 0.3 and second.options.settings.augment is False
+    first_anp, second_anp = first.options.settings, second.options.settings
+    assert (first_anp.optimisation.iterations, second_anp.optimisation.iterations) == (50, 7)
+    assert first_anp.pruning.count == 3 and first_anp.pruning.threshold is None  # replaces, no clash
+    assert second_anp.pruning.threshold == 0.3 and second_anp.optimisation.augment is False
     assert second.output == tree / "out" / "b" / "purified.onnx"
     assert first.report == tree / "reports" / "a.report.json"
     assert first.plot_paths == {"masks": tree / "reports" / "a.masks.png", "sweep": tree / "reports" / "a.sweep.png"}
@@ -70,8 +71,8 @@ def test_the_default_method_draws_the_trigger_and_the_rounds_and_an_entry_can_pi
     entries = [{"model": "../vendor_a/model.onnx", "name": "a"}, {"model": "../vendor_b/model.onnx", "method": "anp"}]
     manifest.write_text(json.dumps({"defaults": {"data": "clean.npz"}, "models": entries}))
     first, second = plan_jobs([], manifest, CLI_DEFAULTS, tree / "out", tree / "reports")
-    assert (first.options.settings.method, second.options.settings.method) == ("trigger", "anp")
-    assert set(first.plot_paths) == {"trigger", "rounds"} and set(second.plot_paths) == {"masks", "sweep"}
+    assert (first.options.method, second.options.method) == ("trigger", "anp")
+    assert set(first.plot_paths) == {"trigger", "rounds", "repair"} and set(second.plot_paths) == {"masks", "sweep"}
 
 
 def test_yaml_manifests_read_like_json(tree):
@@ -79,7 +80,19 @@ def test_yaml_manifests_read_like_json(tree):
     as_json, as_yaml = tree / "config" / "batch.json", tree / "config" / "batch.yaml"
     as_json.write_text(json.dumps(MANIFEST))
     as_yaml.write_text(MANIFEST_YAML)
-    assert plan_jobs([], as_yaml, CLI_DEFAULTS, tree / "out") == plan_jobs([], as_json, CLI_DEFAULTS, tree / "out")
+    settings = {**CLI_DEFAULTS, "method": "anp"}
+    assert plan_jobs([], as_yaml, settings, tree / "out") == plan_jobs([], as_json, settings, tree / "out")
+
+
+def test_an_entry_with_an_option_its_method_does_not_use_is_refused_but_defaults_are_left_out(tree):
+    manifest = tree / "config" / "batch.json"
+    manifest.write_text(json.dumps(MANIFEST))  # prune_count in an entry, iterations in the defaults
+    with pytest.raises(AnpError, match="model a: 'prune_count' is not used by --method trigger"):
+        plan_jobs([], manifest, CLI_DEFAULTS, tree / "out")
+    trigger_only = {**MANIFEST, "models": [{"model": "../vendor_a/model.onnx"}]}
+    manifest.write_text(json.dumps(trigger_only))
+    first = plan_jobs([], manifest, CLI_DEFAULTS, tree / "out")[0]
+    assert first.options.method == "trigger" and first.options.settings.repair.mode == "auto"
 
 
 def test_folders_expand_to_their_models_and_shared_stems_get_their_folder_name(tree, image_samples):

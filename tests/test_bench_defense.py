@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -23,9 +24,22 @@ from anp_onnx.onnx.model import input_shape, load_model  # noqa: E402
 from anp_onnx.validate.evaluate import Evaluator  # noqa: E402
 from tools.architectures import mlp  # noqa: E402
 from tools.attacks import BadNets  # noqa: E402
-from tools.bench_defense import main  # noqa: E402
+from tools.bench_defense import ExternalModel, main  # noqa: E402
 from tools.bench_grid import ALL_MODELS, BenchModel, is_ready, select  # noqa: E402
-from tools.bench_report import auroc, comparison_lines, scan_summary  # noqa: E402
+from tools.bench_report import (  # noqa: E402
+    VERDICTS,
+    auroc,
+    clean_table,
+    comparison_lines,
+    cost_lines,
+    cost_summary,
+    defence_table,
+    failing_lines,
+    failure_reason,
+    method_summary,
+    scan_summary,
+    summary_lines,
+)
 from tools.datasets import FASHION_MNIST_ROOT  # noqa: E402
 from tools.train_backdoor import export_onnx, save_npz, to_input  # noqa: E402
 
@@ -108,7 +122,7 @@ def test_bench_measures_every_defence_on_the_backdoored_model(bench_run: tuple[P
     model = load_model(folder / "model.onnx")
     test = load_samples(folder / "test.npz", input_shape(model))
     poison = load_samples(folder / "poison.npz", input_shape(model))
-    files = {"guided": "trigger", "anp": "anp", "fp": "fp", "clp": "clp"}
+    files = {"guided": "trigger", "pruning": "pruning", "anp": "anp", "fp": "fp", "clp": "clp"}
     for method, file in files.items():
         assert cell[method]["seconds"] > 0
         written = Evaluator(cache_dir / "purified" / f"badnets_mlp.{file}.onnx", "cpu").measure(test, poison)
@@ -116,7 +130,56 @@ def test_bench_measures_every_defence_on_the_backdoored_model(bench_run: tuple[P
     assert cell["anp"]["iterations_run"] <= 20
     assert cell["scan"]["source"] == "purify's target search"  # the scan's own computation, run once
     assert cell["guided"]["guided"]["suspected_target"] == cell["scan"]["suspected_target"]
-    assert cell["seconds"] >= sum(cell[method]["seconds"] for method in files)
+    ran_apart = [method for method in files if method != "pruning"]  # pruning only is the guided run's
+    assert cell["seconds"] >= sum(cell[method]["seconds"] for method in ran_apart)
+
+
+def test_pruning_only_and_the_repair_come_from_the_one_default_purify_run(bench_run: tuple[Path, Path, dict]) -> None:
+    cache_dir, _, results = bench_run
+    (cell,) = results["cells"]
+    guided, pruning = cell["guided"], cell["pruning"]
+    repair, timings = guided["repair"], guided["timings_s"]
+    assert guided["verdict"]["name"] in VERDICTS and guided["verdict"]["reason"]
+    assert pruning["pruned"] == repair["method_pruned"] and pruning["criterion"]
+    assert repair["seconds"] == round(timings["repair"], 3)
+    assert repair["pruning_stage_seconds"] == round(timings["optimise"], 3)
+    assert repair["ratio_to_pruning"] == round(timings["repair"] / timings["optimise"], 4)
+    assert pruning["seconds"] == round(sum(s for stage, s in timings.items() if stage != "repair"), 3)
+    purified = load_model(cache_dir / "purified" / "badnets_mlp.trigger.onnx")
+    pruned = load_model(cache_dir / "purified" / "badnets_mlp.pruning.onnx")
+    differ = [
+        a.name
+        for a, b in zip(purified.graph.initializer, pruned.graph.initializer, strict=True)
+        if a.raw_data != b.raw_data
+    ]
+    if repair["ran"] and repair["changed_initializers"]:  # repair replaced the pruning with changed weights
+        assert guided["pruned"] == 0 and guided["criterion"].startswith("repair:")
+        assert repair["max_relative_change"] > 0 and differ
+    else:  # the written model is the pruned one
+        assert repair["changed_initializers"] == 0 and guided["pruned"] == pruning["pruned"]
+        assert (guided["acc"], guided["asr"]) == (pruning["acc"], pruning["asr"]) and not differ
+
+
+def test_the_clean_model_gets_the_default_purify_its_verdict_and_the_plain_statement(
+    bench_run: tuple[Path, Path, dict],
+) -> None:
+    cache_dir, out_dir, results = bench_run
+    (clean,) = results["clean_models"]
+    guided = clean["guided"]
+    folder = cache_dir / "clean_mlp"
+    test = load_samples(folder / "test.npz", input_shape(load_model(folder / "model.onnx")))
+    written = Evaluator(cache_dir / "purified" / "clean_mlp.trigger.onnx", "cpu").measure(test, None)
+    assert written.acc == guided["acc"] and guided["asr"] is None
+    assert guided["acc_change_points"] == round(100 * (guided["acc"] - clean["before"]["acc"]), 4)
+    assert guided["unchanged"] == (guided["acc"] == clean["before"]["acc"])
+    assert guided["verdict_name"] == guided["verdict"]["name"] in VERDICTS
+    assert clean["scan"]["source"] == "purify's target search"
+    text = (out_dir / "RESULTS.md").read_text()
+    assert "## Clean models: the default purify" in text and "## Cost: repair beside pruning" in text
+    ok = guided["verdict_name"] == "clean" and guided["unchanged"]
+    assert ok == results["clean_summary"]["all_clean_and_unchanged"]
+    statement = "Every one of the 1 clean models gets verdict `clean` with its ACC unchanged."
+    assert (statement in text) == ok and ("**Not** every clean model" in text) == (not ok)
 
 
 def test_bench_scores_both_models_and_derives_auroc_and_hit_rate(bench_run: tuple[Path, Path, dict]) -> None:
@@ -248,6 +311,135 @@ def test_the_comparison_says_plainly_when_anp_does_not_beat_a_baseline() -> None
         return {"mean_acc_drop_points": drop, "mean_asr_percent": asr}
 
     lines = comparison_lines({"guided": stats(1.0, 2.0), "fp": stats(2.0, 10.0), "clp": stats(0.5, 50.0)})
-    assert lines[0].startswith("- anp-onnx beats Fine-Pruning")
-    assert lines[1].startswith("- anp-onnx does **not** beat CLP")  # lower ASR, but at a larger ACC drop
+    assert lines[0].startswith("- anp-onnx (prune + repair) beats Fine-Pruning")
+    assert lines[1].startswith("- anp-onnx (prune + repair) does **not** beat CLP")  # lower ASR, larger ACC drop
     assert comparison_lines({"fp": stats(2.0, 10.0)}) == []
+
+
+# ----------------------------------------------------------------------------- the write-up on hand-made entries
+
+
+def hand_cell(name: str, guided: tuple[float, float, str, bool], pruning: tuple[float, float], fp: float) -> dict:
+    """A backdoored cell as bench_defense records it: ACC 0.90 / ASR 1.0 before; guided's (ACC, ASR, verdict,
+    repair ran), pruning only's (ACC, ASR), Fine-Pruning's ASR at ACC 0.89."""
+    acc, asr, verdict, ran = guided
+    repair = {"ran": ran, "why": "test", "changed_initializers": 3 if ran else 0, "max_relative_change": 0.1 * ran}
+    repair.update(method_pruned=2, seconds=4.0 if ran else 1.0, pruning_stage_seconds=8.0)
+    repair["ratio_to_pruning"] = repair["seconds"] / 8.0
+    return {
+        "name": name,
+        "arch": "mlp",
+        "attack": "badnets",
+        "export": "folded",
+        "target": 0,
+        "before": {"acc": 0.90, "asr": 1.0},
+        "guided": {"acc": acc, "asr": asr, "pruned": 0, "verdict": {"name": verdict}, "repair": repair},
+        "pruning": {"acc": pruning[0], "asr": pruning[1], "pruned": 2},
+        "fp": {"acc": 0.89, "asr": fp, "pruned": 5},
+    }
+
+
+HAND_CELLS = [
+    hand_cell("a_mlp", (0.88, 0.01, "purified", True), (0.85, 0.60), 0.9),  # repair reaches the targets
+    hand_cell("b_mlp", (0.87, 0.05, "purified", False), (0.87, 0.05), 0.02),  # pruning did, at the edges
+    hand_cell("c_mlp", (0.80, 0.02, "purified", True), (0.86, 0.90), 0.9),  # ACC drop 10: purified but failing
+    hand_cell("d_mlp", (0.89, 0.70, "residual", True), (0.89, 0.95), 0.9),
+]
+
+
+def test_the_summary_counts_cells_meeting_the_targets_and_the_verdicts_per_method() -> None:
+    summary = method_summary(HAND_CELLS)
+    assert [summary[m]["cells_meeting_targets"] for m in ("guided", "pruning", "fp")] == [2, 1, 1]
+    assert summary["guided"]["verdicts"] == {"purified": 3, "residual": 1, "clean": 0}
+    assert summary["guided"]["repaired"] == 3 and "verdicts" not in summary["pruning"]
+    assert [cell["name"] for cell in summary["guided"]["failing_cells"]] == ["c_mlp", "d_mlp"]
+    assert summary["guided"]["purified_but_failing"] == ["c_mlp"]
+    (line,) = [line for line in summary_lines(summary) if line.startswith("- anp-onnx (prune + repair):")]
+    assert "**2 of 4** cells meet ASR <= 5% with ACC drop <= 3 points" in line
+    assert "verdicts: 3 purified, 1 residual, 0 clean; repair changed weights in 3" in line
+    heading, c_line, d_line, mismatch = failing_lines(summary)
+    assert heading.startswith("- Cells still outside the targets with anp-onnx (prune + repair), and why")
+    assert c_line.startswith("  - `c_mlp` (ACC drop 10.00, ASR 2.00%, verdict purified)")
+    assert d_line.startswith("  - `d_mlp` (ACC drop 1.00, ASR 70.00%, verdict residual)")
+    assert "a_mlp" not in heading + c_line + d_line
+    assert mismatch == "- Verdict `purified` although the measured ASR or ACC misses the targets: `c_mlp`."
+    assert failing_lines(method_summary(HAND_CELLS[:2])) == [
+        "- Every cell meets the targets with anp-onnx (prune + repair)."
+    ]
+
+
+def test_a_failing_cell_says_why_from_purifys_own_record() -> None:
+    missed = {"guided": {"backdoor_evidence": False, "evidence": "score 0.388 < 0.45"}, "verdict": {"reason": "x"}}
+    assert failure_reason(missed) == "no backdoor evidence: score 0.388 < 0.45"
+    stopped = {
+        "guided": {"backdoor_evidence": True},
+        "verdict": {"reason": "synthetic trigger for label 0 still succeeds on 9.0% of clean inputs"},
+        "repair": {
+            "ran": True,
+            "stopped_because": "3 backtracks",
+            "held_out_accuracy": 0.88,
+            "held_out_accuracy_reference": 0.91,
+        },
+    }
+    assert failure_reason(stopped) == (
+        "synthetic trigger for label 0 still succeeds on 9.0% of clean inputs; repair stopped: 3 backtracks; "
+        "held-out accuracy 91.0 -> 88.0"
+    )
+    skipped = {"verdict": {"reason": "r"}, "repair": {"ran": False, "why": "--repair never"}}
+    assert failure_reason(skipped) == "r; repair did not run: --repair never"
+
+
+def test_the_defence_table_has_pruning_only_and_the_verdict_columns_and_skips_methods_not_run() -> None:
+    header, _, first, *_, average = defence_table(HAND_CELLS)
+    columns = [column.strip() for column in header.strip("|").split("|")]
+    assert columns[4:] == [
+        "No defence ACC", "ASR", "anp-onnx (prune + repair) ACC", "ASR", "verdict", "repaired",
+        "pruning only ACC", "ASR", "Fine-Pruning ACC", "ASR",
+    ]  # fmt: skip
+    expected = "| mlp | badnets | folded | 0 | 90.00 | 100.00 | 88.00 | 1.00 | purified | yes |"
+    assert first == expected + " 85.00 | 60.00 | 89.00 | 90.00 |"
+    assert "| 3 purified, 1 residual, 0 clean | 3 repaired |" in average
+
+
+def test_the_cost_is_repair_over_the_same_runs_pruning_stage() -> None:
+    cost = cost_summary(HAND_CELLS)
+    assert cost["mean_ratio"] == round((0.5 + 0.125 + 0.5 + 0.5) / 4, 3) and cost["max_ratio"] == 0.5
+    assert (cost["repaired_cells"], cost["mean_ratio_repaired"]) == (3, 0.5)
+    (line,) = cost_lines(HAND_CELLS)
+    assert "mean **0.41** (worst 0.50) over 4 cells; 0.50 over the 3 cells where repair trained" in line
+    assert cost_lines([]) == []
+
+
+def test_the_clean_table_says_plainly_whether_every_clean_model_is_clean_and_unchanged() -> None:
+    def model(name: str, after: float, verdict: str) -> dict:
+        result = {"acc": after, "verdict": {"name": verdict}, "acc_change_points": round(100 * (after - 0.9), 4)}
+        return {"name": name, "before": {"acc": 0.9}, "guided": {**result, "unchanged": after == 0.9}}
+
+    lines = clean_table([model("clean_mlp", 0.9, "clean"), model("clean_vgg", 0.9, "clean")])
+    assert "| clean_mlp | 90.00 | 90.00 | +0.00 | clean |" in lines
+    assert lines[-1] == "Every one of the 2 clean models gets verdict `clean` with its ACC unchanged."
+    lines = clean_table([model("clean_mlp", 0.9, "clean"), model("clean_vgg", 0.885, "purified")])
+    assert "| clean_vgg | 90.00 | 88.50 | -1.50 | purified |" in lines
+    assert lines[-1].startswith("**Not** every clean model gets verdict `clean` with its ACC unchanged: `clean_vgg`")
+    assert clean_table([{"name": "clean_mlp", "before": {"acc": 0.9}}])[0].startswith("No clean model purified")
+
+
+def test_a_model_made_elsewhere_is_read_from_its_folder_and_a_missing_file_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "keras_softmax"
+    folder.mkdir()
+    for name in ("model.onnx", "clean.npz", "test.npz", "poison.npz"):
+        (folder / name).write_bytes(b"")
+    meta = {"arch": "keras_cnn_softmax", "attack": "badnets", "target": 0, "export": "tf2onnx 1.16.1, opset 15"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    model = ExternalModel.read(folder)
+    assert (model.name, model.arch, model.attack, model.export, model.target) == (
+        "keras_softmax",
+        "keras_cnn_softmax",
+        "badnets",
+        "tf2onnx 1.16.1",
+        0,
+    )
+    assert model.backdoored and model.folder(tmp_path / "cache", 3) == folder
+    (folder / "poison.npz").unlink()
+    with pytest.raises(click.BadParameter, match=r"lacks poison\.npz"):
+        ExternalModel.read(folder)

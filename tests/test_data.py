@@ -4,7 +4,15 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from anp_onnx.data import STREAM_ROWS, input_layout, load_samples, open_samples
+from anp_onnx.data import (
+    STREAM_ROWS,
+    Samples,
+    input_layout,
+    is_channels_last,
+    load_samples,
+    open_samples,
+    split_holdout,
+)
 from anp_onnx.errors import AnpError
 
 
@@ -112,3 +120,42 @@ def test_memory_stays_bounded_while_a_large_test_set_is_streamed(tmp_path):
     assert seen == count * 28 * 28
     batch_bytes = STREAM_ROWS * 28 * 28 * 4
     assert size > 60_000_000 and peak < 4 * batch_bytes
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [
+        ((None, 8, 8, 3), True),
+        ((None, 32, 32, 1), True),
+        ((None, 16, 16, 4), True),
+        ((None, 3, 8, 8), False),
+        ((None, 3, 8, 3), False),  # both ends look like channels: NCHW, as exporters mostly write
+        ((None, 8, 8, 8), False),
+        ((None, 3, 32), False),
+        ((None, 192), False),
+    ],
+)
+def test_the_layout_guess_reads_channels_off_the_smaller_end(shape, channels_last):
+    assert is_channels_last(shape) is channels_last
+    if len(shape) == 4:
+        assert input_layout(shape) == ("NHWC" if channels_last else "NCHW")
+
+
+def test_a_holdout_split_is_seeded_disjoint_and_covers_every_sample():
+    samples = Samples(np.arange(50, dtype=np.float32)[:, None], np.arange(50))
+    kept, held = split_holdout(samples, 0.2, seed=3)
+    assert (len(kept), len(held)) == (40, 10)
+    assert sorted([*kept.y, *held.y]) == list(range(50))
+    np.testing.assert_array_equal(kept.x[:, 0], kept.y)  # samples keep their labels
+    again_kept, again_held = split_holdout(samples, 0.2, seed=3)
+    assert held.y.tolist() == again_held.y.tolist() and kept.y.tolist() == again_kept.y.tolist()
+    assert split_holdout(samples, 0.2, seed=4)[1].y.tolist() != held.y.tolist()
+    order = np.random.default_rng(3).permutation(50)  # the permutation both methods' results were measured with
+    assert held.y.tolist() == order[:10].tolist() and kept.y.tolist() == order[10:].tolist()
+
+
+@pytest.mark.parametrize("share", [0.001, 0.999])
+def test_a_holdout_that_empties_one_side_names_the_setting(share):
+    samples = Samples(np.zeros((10, 1), dtype=np.float32), np.zeros(10, dtype=np.int64))
+    with pytest.raises(AnpError, match=f"--holdout {share:g} leaves no samples on one side of 10"):
+        split_holdout(samples, share, seed=0, what="--holdout")

@@ -56,3 +56,45 @@ def test_cuda_asked_for_on_a_machine_without_it_is_a_clear_error():
         pytest.skip("this machine has CUDA")
     with pytest.raises(AnpError, match="no CUDA device"):
         providers_for("cuda")
+
+
+def fixed_batch_probe(model_path, batch: int) -> onnx.ModelProto:
+    """The MatMul MLP in memory, its input fixed to `batch` samples, its first hidden layer exposed as an output."""
+    model = onnx.load(str(model_path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    model.graph.output.append(onnx.ValueInfoProto(name="r1"))
+    return model
+
+
+def test_an_in_memory_fixed_batch_model_gives_named_outputs_for_a_short_last_batch(models):
+    x = np.random.default_rng(5).random((10, 20), dtype=np.float32)  # batches of 4, 4 and a short 2
+    evaluator = Evaluator(fixed_batch_probe(models["matmul"], 4), "cpu")
+    assert (evaluator.fixed_batch, evaluator.batch_size, evaluator.output_name) == (True, 4, "logits")
+    hidden, logits = evaluator.run(x, ["r1", "logits"])
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(models["matmul"])).graph.initializer}
+    np.testing.assert_allclose(hidden, np.maximum(x @ weights["w1"] + weights["b1"], 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits, numpy_forward(models["matmul"], x), rtol=1e-4, atol=1e-4)
+    assert evaluator.predict(x).tolist() == numpy_forward(models["matmul"], x).argmax(1).tolist()
+
+
+def test_the_class_output_is_picked_by_name_and_an_unknown_one_is_refused_listing_them(models):
+    x = np.random.default_rng(6).random((3, 20), dtype=np.float32)
+    probe = fixed_batch_probe(models["matmul"], 3)
+    np.testing.assert_array_equal(
+        Evaluator(probe, "cpu", output="r1").outputs(x), Evaluator(probe, "cpu").run(x, ["r1"])[0]
+    )
+    with pytest.raises(AnpError, match="no output named 'probs': the model's outputs are logits, r1"):
+        Evaluator(probe, "cpu", output="probs")
+
+
+def test_an_in_memory_model_onnxruntime_cannot_load_is_a_user_error():
+    broken = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("NoSuchOp", ["x"], ["y"])],
+            "broken",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
+    with pytest.raises(AnpError, match=r"^the model: onnxruntime cannot load the model"):
+        Evaluator(broken, "cpu")

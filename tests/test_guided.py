@@ -85,7 +85,16 @@ def test_purify_by_default_removes_the_bundled_backdoor_within_three_points_of_a
     assert [trigger["kind"] for trigger in guided["triggers"]] == ["patch"]  # a patch backdoor: no blend
     assert report["before"]["asr"] > 0.99 and report["after"]["asr"] <= 0.10
     assert report["before"]["acc"] - report["after"]["acc"] <= 0.03
-    assert 0 < report["pruned_neurons"] <= 10
+    assert report["verdict"]["name"] == "purified"
+    repair = report["repair"]
+    if repair["ran"]:  # repair replaced the pruning: only initializer values changed, each by a bounded amount
+        assert report["pruned_neurons"] == 0 and report["criterion"].startswith("repair:")
+        assert repair["changed_initializers"] and all(
+            0 < c["relative_change"] < 1 for c in repair["changed_initializers"]
+        )
+        assert repair["residual_asr"] <= 0.03
+    else:
+        assert 0 < report["pruned_neurons"] <= 10
 
 
 @pytest.mark.slow  # minutes on two CPU cores: the whole default on a second model
@@ -102,5 +111,5 @@ def test_mask_rankings_are_refused_with_the_trigger_method(tmp_path):
             main, ["purify", str(model), "--data", str(data), "-o", str(tmp_path / "o.onnx"), *option]
         )
         assert result.exit_code == 2 and result.output.count("\n") == 1
-        assert "use them with --method anp" in result.output
+        assert "is not used by --method trigger" in result.output and "use it with --method anp" in result.output
     assert not (tmp_path / "o.onnx").exists()

@@ -23,11 +23,17 @@ from anp_onnx.bridge.normalise import normalised_for_torch
 from anp_onnx.cli.main import main
 from anp_onnx.methods import anp
 from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.methods.settings import AnpMethodSettings, PruningChoice
 from anp_onnx.onnx.neurons import build_neuron_map
-from anp_onnx.pipeline.purify import PruningChoice, purify
+from anp_onnx.pipeline.purify import purify
 from anp_onnx.prune import PruningPlan
 
-SHORT = AnpSettings(method="anp", iterations=3, batch_size=16)
+SHORT = AnpSettings(iterations=3, batch_size=16)
+
+
+def short_anp(pruning: PruningChoice) -> dict[str, object]:
+    """purify's method and settings: a few ANP iterations, then `pruning`."""
+    return {"method": "anp", "settings": AnpMethodSettings(optimisation=SHORT, pruning=pruning)}
 
 
 class WithSoftmax(nn.Module):
@@ -88,9 +94,10 @@ def run(path: Path, x: np.ndarray, output: str | None = None) -> np.ndarray:
 
 
 def torch_outputs(classifier, x: np.ndarray) -> np.ndarray:
+    """The class output, head included (what onnxruntime computes)."""
     classifier.eval()
     with torch.no_grad():
-        return classifier(torch.from_numpy(x)).numpy()
+        return classifier.class_output(torch.from_numpy(x)).numpy()
 
 
 # Probabilities
@@ -113,14 +120,14 @@ def test_a_softmax_output_is_read_as_probabilities_and_the_loss_is_cross_entropy
 def test_purifying_a_softmax_model_writes_what_torch_computes_with_the_same_hard_masks(tmp_path, image_samples):
     path = export(WithSoftmax(), tmp_path / "softmax.onnx")
     pruning = PruningChoice(threshold=None, fraction=0.3)
-    result = purify(path, image_samples, tmp_path / "out.onnx", settings=SHORT, pruning=pruning, device="cpu")
+    result = purify(path, image_samples, tmp_path / "out.onnx", **short_anp(pruning), device="cpu")
     assert result.plan.neurons, "a third of the neurons is pruned"
 
     model = onnx.load(str(path))
     x = np.load(image_samples)["x"]
     neuron_map = build_neuron_map(model)
     classifier = import_model(model, neuron_map, renormalise=True)
-    anp.calibrate(classifier, torch.from_numpy(x), SHORT)
+    anp.calibrate(classifier, torch.from_numpy(x))
     hard_masks(classifier, result.plan)
     actual = run(result.output, x)
     assert np.max(np.abs(actual - torch_outputs(classifier, x))) <= 1e-5
@@ -193,7 +200,7 @@ def test_other_opsets_import_purify_and_reproduce_the_model_when_nothing_is_prun
     path = export(small_cnn(), tmp_path / "model.onnx", opset=opset, keep_batch_norm=keep_batch_norm)
     assert onnx.load(str(path)).opset_import[0].version == opset
     pruning = PruningChoice(threshold=None, count=0)
-    result = purify(path, image_samples, tmp_path / "out.onnx", settings=SHORT, pruning=pruning, device="cpu")
+    result = purify(path, image_samples, tmp_path / "out.onnx", **short_anp(pruning), device="cpu")
     x = np.load(image_samples)["x"]
     assert result.plan.neurons == ()
     assert np.array_equal(run(result.output, x), run(path, x))
@@ -260,15 +267,13 @@ def test_a_static_batch_model_is_optimised_on_larger_batches_and_round_trips(tmp
     model = onnx.load(str(path))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
     assert "Reshape" in [node.op_type for node in model.graph.node]
-    round_trip(path, *few_images, settings=AnpSettings(method="anp", iterations=2, batch_size=8))
+    round_trip(path, *few_images, settings=AnpSettings(iterations=2, batch_size=8))
 
 
 def test_purify_runs_a_static_batch_model_end_to_end(tmp_path, image_samples):
     path = export(Viewed(), tmp_path / "static.onnx", static_batch=2)
     pruning = PruningChoice(threshold=None, count=4)
-    result = purify(
-        path, image_samples, tmp_path / "out.onnx", test_data=image_samples, settings=SHORT, pruning=pruning
-    )
+    result = purify(path, image_samples, tmp_path / "out.onnx", test_data=image_samples, **short_anp(pruning))
     assert len(result.plan.neurons) == 4 and result.after.acc is not None
 
 
@@ -309,7 +314,7 @@ def test_purify_feeds_uint8_images_to_an_nhwc_model_as_they_are(tmp_path):
     images = rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
     data = tmp_path / "images.npz"
     np.savez(data, x=images, y=rng.integers(0, 4, 32))
-    result = purify(path, data, tmp_path / "out.onnx", settings=SHORT, pruning=PruningChoice(threshold=None, count=3))
+    result = purify(path, data, tmp_path / "out.onnx", **short_anp(PruningChoice(threshold=None, count=3)))
     assert len(result.plan.neurons) == 3
 
 
@@ -343,9 +348,12 @@ def test_probability_outputs_round_trip_and_their_loss_is_the_training_loss(tmp_
     checked = round_trip(path, *few_images)
     assert checked.classifier.output_kind == kind
     x, y = torch.from_numpy(few_images[0]), torch.from_numpy(few_images[1])
+    model = onnx.load(str(path))
+    classifier = import_model(model, build_neuron_map(model), renormalise=True).eval()
     with torch.no_grad():
         logits = small_cnn()(x)
-        loss = checked.classifier.loss(WithActivation(ACTIVATIONS[kind])(x), y)
+        assert torch.allclose(classifier(x), logits, atol=1e-5), "forward returns the head's input"
+        loss = classifier.loss(classifier(x), y)
     if kind == "sigmoid":
         targets = nn.functional.one_hot(y, 4).float()
         expected = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(y)
@@ -455,7 +463,7 @@ def test_a_model_with_external_data_round_trips_and_purifies(tmp_path, few_image
     assert all(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in stored)
     round_trip(path, *few_images)
     pruning = PruningChoice(threshold=None, count=5)
-    result = purify(path, image_samples, tmp_path / "out.onnx", settings=SHORT, pruning=pruning)
+    result = purify(path, image_samples, tmp_path / "out.onnx", **short_anp(pruning))
     x = few_images[0]
     assert not np.array_equal(ort_outputs(result.output, x), ort_outputs(path, x))
     assert sorted(path.parent.iterdir()) == [folder / "model.onnx", folder / "model.onnx.data"], "input untouched"
@@ -500,7 +508,7 @@ def test_purify_and_evaluate_run_a_float16_model_fed_float32_data(tmp_path, imag
     onnx.save(to_float16(onnx.load(str(exported))), str(path))
     pruning = PruningChoice(threshold=None, count=6)
     output = tmp_path / "out.onnx"
-    result = purify(path, image_samples, output, test_data=image_samples, settings=SHORT, pruning=pruning)
+    result = purify(path, image_samples, output, test_data=image_samples, **short_anp(pruning))
     assert len(result.plan.neurons) == 6 and result.after.acc is not None
     written = onnx.load(str(output))
     assert written.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16

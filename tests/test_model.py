@@ -7,8 +7,8 @@ import torch
 from anp_onnx.bridge.importer import convert_to_torch
 from anp_onnx.bridge.normalise import normalised_for_torch
 from anp_onnx.errors import AnpError
-from anp_onnx.onnx.graph import Graph
-from anp_onnx.onnx.model import load_model
+from anp_onnx.onnx.graph import Graph, data_inputs
+from anp_onnx.onnx.model import class_output_index, graph_input, load_model
 
 
 def test_torchscript_export_with_kept_batch_norm_has_identity_initializers(models):
@@ -73,3 +73,24 @@ def test_external_data_outside_the_model_folder_is_refused_before_reading(tmp_pa
     (folder / "m.onnx").write_bytes(hostile.SerializeToString())
     with pytest.raises(AnpError, match="points outside the model's folder"):
         load_model(folder / "m.onnx")
+
+
+def test_data_inputs_leave_out_initializers_listed_as_graph_inputs(models):
+    """IR < 4 lists every initializer among the graph inputs; only the image input takes data."""
+    model = onnx.load(str(models["matmul"]))
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        for tensor in model.graph.initializer
+    )
+    assert len(model.graph.input) == 6
+    assert [value.name for value in data_inputs(model)] == ["input"]
+    assert graph_input(model).name == "input"
+
+
+def test_the_class_output_is_found_alike_in_a_model_and_in_a_list_of_output_names(models):
+    model = onnx.load(str(models["matmul"]))
+    model.graph.output.append(onnx.ValueInfoProto(name="r1"))
+    for outputs in (model, ["logits", "r1"]):
+        assert (class_output_index(outputs, None), class_output_index(outputs, "r1")) == (0, 1)
+        with pytest.raises(AnpError, match="no output named 'probs': the model's outputs are logits, r1"):
+            class_output_index(outputs, "probs")

@@ -7,7 +7,6 @@ from onnx import helper, numpy_helper
 
 from anp_onnx.bridge.importer import hard_masks, import_model
 from anp_onnx.methods import anp
-from anp_onnx.methods.anp import AnpSettings
 from anp_onnx.onnx.neurons import build_neuron_map
 from anp_onnx.onnx.rewrite import apply_plan, save_model
 from anp_onnx.prune import PruningPlan
@@ -22,7 +21,7 @@ def calibrated(model: onnx.ModelProto, x: np.ndarray, neuron_mode: str):
     """Converted model with gates whose pruned values are set as purify sets them."""
     neuron_map = build_neuron_map(model)
     classifier = import_model(model, neuron_map, renormalise=True)
-    anp.calibrate(classifier, torch.from_numpy(x), AnpSettings(neuron_mode=neuron_mode))
+    anp.calibrate(classifier, torch.from_numpy(x), neuron_mode=neuron_mode)
     return neuron_map, classifier
 
 

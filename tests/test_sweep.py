@@ -8,12 +8,14 @@ import pytest
 from anp_onnx import prune
 from anp_onnx.data import Samples, load_samples
 from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.methods.settings import AnpMethodSettings
 from anp_onnx.onnx.model import input_shape, load_model
 from anp_onnx.onnx.rewrite import apply_plan, save_model
 from anp_onnx.pipeline.purify import PruningChoice, purify
 from anp_onnx.report.json_report import purify_report
 from anp_onnx.validate.evaluate import Evaluator
-from anp_onnx.validate.sweep import DEFAULT_THRESHOLDS, masks_from_report, threshold_sweep
+from anp_onnx.validate.sweep import DEFAULT_THRESHOLDS, threshold_sweep
+from tools.report_masks import masks_from_report
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,8 @@ def purified(tmp_path_factory, models, image_samples):
         folder / "out.onnx",
         test_data=image_samples,
         poison_data=poison,
-        settings=AnpSettings(method="anp", iterations=5, batch_size=16),
-        pruning=PruningChoice(threshold=0.5),
+        method="anp",
+        settings=AnpMethodSettings(AnpSettings(iterations=5, batch_size=16), PruningChoice(threshold=0.5)),
         device="cpu",
     )
     shape = input_shape(load_model(models["batchnorm"]))

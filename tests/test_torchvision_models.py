@@ -19,6 +19,7 @@ from coverage_check import round_trip
 from torch import nn
 
 from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.methods.settings import AnpMethodSettings
 from anp_onnx.pipeline.purify import PruningChoice, purify
 
 FAST = ("resnet18", "mobilenet_v3_small")
@@ -28,7 +29,7 @@ CLASSES = 10
 SIZE = 32
 TORCHSCRIPT_SIZES = {"vgg11_bn": 224}
 SAMPLES = 8
-SETTINGS = AnpSettings(method="anp", iterations=2, batch_size=4)
+SETTINGS = AnpSettings(iterations=2, batch_size=4)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def test_purifies(exported, tmp_path):
     data = tmp_path / "clean.npz"
     np.savez(data, x=x, y=y)
     pruning = PruningChoice(threshold=None, fraction=0.05)
-    result = purify(exported.path, data, tmp_path / "out.onnx", test_data=data, settings=SETTINGS, pruning=pruning)
+    settings = AnpMethodSettings(SETTINGS, pruning)
+    result = purify(exported.path, data, tmp_path / "out.onnx", test_data=data, method="anp", settings=settings)
     assert len(result.plan.neurons) == round(0.05 * result.neuron_map.total_neurons)
     assert result.output.is_file() and result.after.acc is not None

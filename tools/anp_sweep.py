@@ -26,6 +26,7 @@ from anp_onnx.bridge.importer import import_model  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.methods import anp  # noqa: E402
 from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.methods.perturbation import calibrate, tensors  # noqa: E402
 from anp_onnx.onnx.model import input_shape  # noqa: E402
 from anp_onnx.onnx.neurons import build_neuron_map  # noqa: E402
 from anp_onnx.onnx.rewrite import apply_plan  # noqa: E402
@@ -75,9 +76,9 @@ def main(
     shape = input_shape(model)
     clean, test, poison = (load_samples(example / f"{name}.npz", shape) for name in ("clean", "test", "poison"))
     classifier = import_model(model, neuron_map, renormalise=True)
-    x, y = anp.tensors(clean.x, clean.y, torch.device("cpu"))
+    x, y = tensors(clean.x, clean.y, torch.device("cpu"))
     torch.manual_seed(seed)
-    anp.calibrate(classifier, x, settings)
+    calibrate(classifier, x, neuron_mode=settings.neuron_mode)
     start = time.perf_counter()
     values = anp.optimise_masks(classifier, x, y, settings)
     elapsed = time.perf_counter() - start

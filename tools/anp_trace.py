@@ -28,6 +28,7 @@ from anp_onnx.bridge.importer import import_model  # noqa: E402
 from anp_onnx.data import Samples, load_samples  # noqa: E402
 from anp_onnx.methods import anp  # noqa: E402
 from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.methods.perturbation import calibrate, tensors  # noqa: E402
 from anp_onnx.onnx.model import input_shape  # noqa: E402
 from anp_onnx.onnx.neurons import build_neuron_map  # noqa: E402
 from anp_onnx.onnx.rewrite import apply_plan  # noqa: E402
@@ -123,9 +124,9 @@ def main(
     held = Samples(clean.x[order[:holdout]], clean.y[order[:holdout]])
     kept = Samples(clean.x[order[holdout:]], clean.y[order[holdout:]])
     classifier = import_model(model, neuron_map, renormalise=True)
-    x, y = anp.tensors(kept.x, kept.y, torch.device("cpu"))
+    x, y = tensors(kept.x, kept.y, torch.device("cpu"))
     torch.manual_seed(seed)
-    anp.calibrate(classifier, x, settings)
+    calibrate(classifier, x, neuron_mode=settings.neuron_mode)
     snapshots = Snapshots(classifier, every, mean_from, window)
     start = time.perf_counter()
     anp.optimise_masks(classifier, x, y, settings, snapshots)

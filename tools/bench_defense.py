@@ -1,15 +1,23 @@
-"""The defence benchmark (issue 3, run by ``make bench``): ANP against Fine-Pruning and CLP on a grid of
-backdoored Fashion-MNIST models, and the trigger-free scan (issue 5) on backdoored and clean models.
+"""The defence benchmark (issues 3 and 22, run by ``make bench``): anp-onnx against Fine-Pruning and CLP on a
+grid of backdoored Fashion-MNIST models, and the trigger-free scan (issue 5) on backdoored and clean models.
 
 For each backdoored model: ACC and ASR before, after ``anp_onnx.pipeline.purify.purify`` with the package's
-defaults (500 clean images), after Fine-Pruning and after CLP, all written by the same rewriter and
-measured with onnxruntime; the scan's score and suspected target for every model, with the detection
-AUROC and target hit rate. Writes ``RESULTS.md``, ``results.json`` and the threshold figure into
-``--out``. Models come from ``tools/bench_grid.py``, trained on first use and cached::
+defaults (500 clean images; prune, then repair when pruning was not enough) with its verdict, after the
+same run's pruning alone (its pruning plan rewritten on the original model, no second run), after
+Fine-Pruning and after CLP, all written by the same rewriters and measured with onnxruntime; the repair's
+cost beside the pruning stage's in the same run; the default purify on the clean models too (verdict, ACC
+before and after); the scan's score and suspected target for every model, with the detection AUROC and
+target hit rate. Writes ``RESULTS.md``, ``results.json`` and the threshold figure into ``--out``. Models
+come from ``tools/bench_grid.py``, trained on first use and cached::
 
     .venv/bin/python tools/bench_defense.py                                  # everything (hours on 2 CPU cores)
     .venv/bin/python tools/bench_defense.py --cells badnets_resnet --iterations 200 --out out/bench
     .venv/bin/python tools/bench_defense.py --methods fp,clp                  # baselines and scan only
+    .venv/bin/python tools/bench_defense.py --external cache/keras_softmax     # a model made elsewhere too
+
+``--external DIR`` adds a backdoored model made outside the grid (``make keras-model``: a Keras CNN exported
+by tf2onnx, ending in Softmax) as a row of its own, measured the same way: DIR holds ``model.onnx``,
+``clean.npz``, ``test.npz``, ``poison.npz`` and a ``meta.json`` with ``arch``, ``attack`` and ``target``.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ import torch  # noqa: E402
 
 from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.methods import baselines  # noqa: E402
-from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.methods.repair.settings import RepairSettings  # noqa: E402
+from anp_onnx.methods.settings import AnpMethodSettings, AnpSettings, TriggerMethodSettings  # noqa: E402
+from anp_onnx.methods.trigger.evidence import SUSPICIOUS_SCORE  # noqa: E402
 from anp_onnx.methods.trigger.guided import ANOMALOUS_BLEND, BLEND_STEPS, DEFAULT_MAX_ACC_DROP  # noqa: E402
 from anp_onnx.methods.trigger.pruning import TriggerPruningSettings  # noqa: E402
 from anp_onnx.methods.trigger.synthesis import TriggerSettings  # noqa: E402
@@ -47,13 +57,21 @@ from anp_onnx.methods.trigger.unlearning import UnlearningSettings  # noqa: E402
 from anp_onnx.onnx.model import input_shape  # noqa: E402
 from anp_onnx.onnx.rewrite import apply_plan, save_model  # noqa: E402
 from anp_onnx.pipeline.purify import PruningChoice, PurifyResult, load_prunable, progress_label, purify  # noqa: E402
-from anp_onnx.pipeline.scan import SUSPICIOUS_SCORE, scan  # noqa: E402
+from anp_onnx.pipeline.scan import scan  # noqa: E402
 from anp_onnx.prune import DEFAULT_THRESHOLD, PruningPlan  # noqa: E402
 from anp_onnx.report.plots import plot_threshold_sweep  # noqa: E402
 from anp_onnx.validate.evaluate import Evaluator, Metrics  # noqa: E402
 from anp_onnx.validate.sweep import threshold_sweep  # noqa: E402
 from tools.bench_grid import ALL_MODELS, DEFAULT_EPOCHS, BenchModel, ensure_trained, select  # noqa: E402
-from tools.bench_report import DEFAULT_METHODS, METHODS, method_summary, scan_summary, write_results  # noqa: E402
+from tools.bench_report import (  # noqa: E402
+    DEFAULT_METHODS,
+    METHODS,
+    RUNNABLE_METHODS,
+    clean_summary,
+    method_summary,
+    scan_summary,
+    write_results,
+)
 
 FP_FALLBACK_BUDGET = 0.02  # Fine-Pruning's held-out ACC budget when purify has no default budget of its own
 PLOT_FILE = "results_threshold.png"
@@ -111,12 +129,20 @@ class Cell:
         }
 
 
+def method_settings(method: str, iterations: int | None) -> TriggerMethodSettings | AnpMethodSettings:
+    """The package defaults of `method` ("trigger" or "anp"); `iterations` sets ANP's loop length."""
+    if method == "trigger":
+        return TriggerMethodSettings()
+    return AnpMethodSettings() if iterations is None else AnpMethodSettings(AnpSettings(iterations=iterations))
+
+
 def run_purify(
-    cell: Cell, method: str, iterations: int | None, work_dir: Path, device: str
+    cell: Cell, method: str, iterations: int | None, work_dir: Path, device: str, with_poison: bool = True
 ) -> tuple[dict, PurifyResult]:
-    """`purify` with the package defaults and `method` ("trigger" is the default, "anp" the paper's masks)."""
-    settings = AnpSettings(method=method) if iterations is None else AnpSettings(method=method, iterations=iterations)
-    what = progress_label(settings)
+    """`purify` with the package defaults and `method` ("trigger" is the default, "anp" the paper's masks);
+    `with_poison` False for a clean model (its ASR means nothing)."""
+    settings = method_settings(method, iterations)
+    what = progress_label(method)
 
     def progress(done: int, total: int) -> None:
         if done % max(1, total // 4) == 0:
@@ -127,9 +153,10 @@ def run_purify(
         cell.path,
         cell.folder / "clean.npz",
         work_dir / f"{cell.model.name}.{method}.onnx",
-        test_data=cell.folder / "test.npz",
-        poison_data=cell.folder / "poison.npz",
+        method=method,
         settings=settings,
+        test_data=cell.folder / "test.npz",
+        poison_data=cell.folder / "poison.npz" if with_poison else None,
         device=device,
         force=True,
         on_progress=progress,
@@ -143,6 +170,62 @@ def run_purify(
         "timings_s": result.timings,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if result.verdict is not None:
+        summary["verdict"] = result.verdict.as_dict()
+    if result.repair is not None:
+        summary["repair"] = repair_record(result)
+    return summary, result
+
+
+def repair_record(result: PurifyResult) -> dict[str, object]:
+    """What the repair stage did in `result` and what it cost beside the pruning stage ("optimise": the
+    method's decision) of the same run; the per-initializer list stays in the purify report."""
+    assert result.repair is not None
+    summary = result.repair.summary()
+    changes = summary.pop("changed_initializers")
+    summary.pop("checks", None)
+    repair_s, pruning_s = result.timings.get("repair", 0.0), result.timings.get("optimise", 0.0)
+    return {
+        **summary,
+        "seconds": round(repair_s, 3),
+        "pruning_stage_seconds": round(pruning_s, 3),
+        "ratio_to_pruning": round(repair_s / pruning_s, 4) if pruning_s > 0 else None,
+        "changed_initializers": len(changes),
+        "max_relative_change": max((change["relative_change"] for change in changes), default=0.0),
+        "method_pruned": len(result.method_plan.neurons) if result.method_plan is not None else 0,
+    }
+
+
+def run_pruning_only(cell: Cell, result: PurifyResult, work_dir: Path) -> dict:
+    """The same purify run's pruning alone (`--repair never`): the plan the method decided before repair,
+    rewritten on the original model and measured with the cell's evaluator; no second run."""
+    started = time.perf_counter()
+    plan = result.method_plan if result.method_plan is not None else result.plan
+    output = work_dir / f"{cell.model.name}.pruning.onnx"
+    save_model(apply_plan(cell.onnx, cell.neuron_map, plan), output)
+    after = cell.measure(output)
+    return {
+        **metrics(after),
+        "pruned": len(plan.neurons),
+        "criterion": plan.criterion,
+        "rewrite_seconds": round(time.perf_counter() - started, 3),
+        # what a `--repair never` run would take: the purify without its repair stage
+        "seconds": round(sum(s for stage, s in result.timings.items() if stage != "repair"), 3),
+    }
+
+
+def run_clean_purify(cell: Cell, work_dir: Path, device: str) -> tuple[dict, PurifyResult]:
+    """The default purify on a clean control model: its verdict, and ACC before and after measured by the
+    cell's evaluator (both files on the same provider, so "unchanged" is exact)."""
+    summary, result = run_purify(cell, "trigger", None, work_dir, device, with_poison=False)
+    before, after = cell.measure(cell.path).acc, cell.measure(result.output).acc
+    summary.update(
+        acc=after,
+        asr=None,
+        acc_change_points=round(100 * (after - before), 4),
+        unchanged=after == before,
+        verdict_name=result.verdict.name if result.verdict else None,
+    )
     return summary, result
 
 
@@ -208,6 +291,8 @@ def rescan_results(results_file: Path, cache_dir: Path, epochs: int, device: str
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     results["scan_summary"] = scan_summary(results["cells"], results["clean_models"])
+    results["summary"] = method_summary(results["cells"])  # the same numbers, in this version's layout
+    results["clean_summary"] = clean_summary(results["clean_models"])
     write_results(results, out_dir)  # "finished" stays the defences' time
     summary = results["scan_summary"]
     log(f"scan AUROC {summary['auroc']:.3f}, target hit rate {summary['target_hit_rate']:.3f}")
@@ -247,26 +332,38 @@ def settings_record(
     iterations: int | None, methods: list[str], with_scan: bool, epochs: int, fp_budget: float, clp_u: float
 ) -> dict[str, object]:
     """What every method ran with, for the JSON and the Settings section of RESULTS.md."""
-    anp_settings = AnpSettings(method="anp") if iterations is None else AnpSettings(method="anp", iterations=iterations)
+    anp_settings = method_settings("anp", iterations)
+    assert isinstance(anp_settings, AnpMethodSettings)
+    trigger = TriggerMethodSettings()
+    repair = RepairSettings()
     pruning = PruningChoice()
     source = "--iterations" if iterations is not None else "package default"
     return {
         "iterations": iterations,
-        "guided": AnpSettings().as_dict(),
+        "guided": {"method": "trigger", **trigger.report_entry()},
+        "guided_repair": repair.as_dict(),
         "guided_note": (
-            f"method {AnpSettings().method}: the target named as the scan names it ({PERTURBATION_ROUNDS} adversarial "
-            f"neuron perturbations, eps {AnpSettings().eps:g}, and a patch trigger per label in {LABEL_TRIGGER_STEPS} "
+            f"method trigger: the target named as the scan names it ({PERTURBATION_ROUNDS} adversarial "
+            f"neuron perturbations, eps {trigger.eps:g}, and a patch trigger per label in {LABEL_TRIGGER_STEPS} "
             f"steps), a patch trigger synthesised for it in {TriggerSettings().steps} steps and a blend trigger in "
             f"{BLEND_STEPS} (kept when its opacity is at most {ANOMALOUS_BLEND:g} x a typical label's), masks "
             f"unlearned against them in {UnlearningSettings().steps} steps, greedy "
             f"pruning until its ASR is <= {TriggerPruningSettings().max_asr:g} or the next neuron would cost more "
-            f"than {DEFAULT_MAX_ACC_DROP:g} of clean accuracy"
+            f"than {DEFAULT_MAX_ACC_DROP:g} of clean accuracy; then repair `{repair.mode}` (it runs when the "
+            f"trigger refitted to the pruned model still succeeds above {repair.max_asr:g}, or pruning stopped "
+            f"above it): the kept weights trained on the clean data, at most {repair.max_steps} steps, within "
+            f"{repair.max_acc_drop:g} of accuracy on a held-out {repair.holdout:g} of it; the verdict from the "
+            "refitted trigger's success on the written model"
         ),
-        "anp": anp_settings.as_dict(),
+        "pruning_note": (
+            "the same purify run's pruning plan (decided before repair) rewritten on the original model, as "
+            "`--repair never` would write it; no second run"
+        ),
+        "anp": {"method": "anp", **anp_settings.report_entry()},
         "pruning": {
             key: getattr(pruning, key) for key in ("threshold", "fraction", "count", "max_acc_drop", "holdout")
         },
-        "anp_note": f"{anp_settings.iterations} iterations ({source}), pruning {pruning}",
+        "anp_note": f"{anp_settings.optimisation.iterations} iterations ({source}), pruning {pruning}",
         "fp": {"scope": "head", "max_acc_drop": fp_budget, "holdout": 0.2},
         "fp_note": fp_note(fp_budget),
         "clp": {"u": clp_u},
@@ -277,6 +374,35 @@ def settings_record(
     }
 
 
+@dataclass(frozen=True)
+class ExternalModel:
+    """A backdoored model made outside the grid, read from its folder's meta.json; measured as a grid cell."""
+
+    path: Path
+    arch: str
+    attack: str
+    export: str
+    target: int
+    backdoored: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def folder(self, cache_dir: Path, epochs: int) -> Path:
+        return self.path
+
+    @classmethod
+    def read(cls, folder: Path) -> ExternalModel:
+        missing = [name for name in ("model.onnx", "clean.npz", "test.npz", "poison.npz", "meta.json")]
+        missing = [name for name in missing if not (folder / name).is_file()]
+        if missing:
+            raise click.BadParameter(f"{folder} lacks {', '.join(missing)}", param_hint="--external")
+        meta = json.loads((folder / "meta.json").read_text())
+        export = str(meta.get("export", "external")).split(",")[0]
+        return cls(folder, str(meta["arch"]), str(meta["attack"]), export, int(meta["target"]))
+
+
 @click.command()
 @click.option("--cells", default=None, help="Comma-separated name fragments: only models whose name contains one.")
 @click.option("--iterations", type=click.IntRange(min=0), default=None, help="ANP iterations [package default].")
@@ -284,7 +410,8 @@ def settings_record(
     "--methods",
     default=",".join(DEFAULT_METHODS),
     show_default=True,
-    help="Defences to run: guided (purify's default), anp (the paper's masks), fp, clp.",
+    help="Defences to run: guided (purify's default; its pruning alone is measured from the same run), anp "
+    "(the paper's masks), fp, clp.",
 )
 @click.option("--scan/--no-scan", "with_scan", default=True, show_default=True, help="Run anp-onnx scan.")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True, help="Training.")
@@ -308,6 +435,14 @@ def settings_record(
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
+    "--external",
+    "external_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="A backdoored model made outside the grid (folder with model.onnx, clean/test/poison.npz, meta.json), "
+    "measured as one more row; repeatable.",
+)
+@click.option(
     "--jobs",
     type=click.IntRange(min=1),
     default=1,
@@ -330,15 +465,18 @@ def main(
     plot_cell: str,
     plot_iterations: int,
     device: str,
+    external_dirs: tuple[Path, ...],
     jobs: int,
 ) -> None:
-    """Measure ANP, Fine-Pruning, CLP and the scan on the benchmark grid; write RESULTS.md and results.json."""
+    """Measure anp-onnx, Fine-Pruning, CLP and the scan on the benchmark grid; write RESULTS.md and results.json."""
     chosen_methods = [name.strip() for name in methods.split(",") if name.strip()]
-    unknown = sorted(set(chosen_methods) - set(METHODS))
+    unknown = sorted(set(chosen_methods) - set(RUNNABLE_METHODS))
     if unknown:
-        raise click.BadParameter(f"unknown {unknown}; choose from {', '.join(METHODS)}", param_hint="--methods")
+        choices = ", ".join(RUNNABLE_METHODS)
+        raise click.BadParameter(f"unknown {unknown}; choose from {choices}", param_hint="--methods")
     models = select(cells.split(",") if cells else None)
-    log(f"{len(models)} models: {', '.join(model.name for model in models)}")
+    external = [ExternalModel.read(folder) for folder in external_dirs]
+    log(f"{len(models) + len(external)} models: {', '.join(model.name for model in [*models, *external])}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     training_times = ensure_trained(models, cache_dir, epochs, log=log)
@@ -359,7 +497,7 @@ def main(
         "cells": [],
         "clean_models": [],
     }
-    backdoored = [model for model in models if model.backdoored]
+    backdoored = [model for model in models if model.backdoored] + external
     names = [model.name for model in backdoored]
     plot_name = plot_cell if plot_cell in names else (names[0] if names else None)
     job = CellJob(
@@ -383,7 +521,7 @@ def main(
             results["plot"] = entry.pop("plot")
         results["cells" if entry["attack"] else "clean_models"].append(entry)
         _finish(results, out_dir)
-    order = {model.name: index for index, model in enumerate(models)}
+    order = {model.name: index for index, model in enumerate([*models, *external])}
     for key in ("cells", "clean_models"):
         results[key].sort(key=lambda entry: order[entry["name"]])
     _finish(results, out_dir)
@@ -413,22 +551,26 @@ class CellJob:
     device: str
 
 
-def measure_cell(model: BenchModel, plot: bool, job: CellJob) -> dict:
+def measure_cell(model: BenchModel | ExternalModel, plot: bool, job: CellJob) -> dict:
     """One model's entry: ACC/ASR before and after every chosen defence, and the scan; with `plot`, the
-    threshold figure's data under "plot". A clean control model gets its clean ACC and the scan only."""
+    threshold figure's data under "plot". A clean control model gets its clean ACC, the default purify
+    (with "guided": its verdict and ACC after) and the scan."""
     started = time.perf_counter()
     cell = Cell(model, model.folder(job.cache_dir, job.epochs))
     entry = cell.describe()
     if not model.backdoored:
         entry["before"] = {"acc": cell.measure(cell.path).acc, "asr": None}
+        if "guided" in job.methods:
+            entry["guided"], _ = run_clean_purify(cell, job.work_dir, job.device)
         if job.with_scan:
-            entry["scan"] = run_scan(cell, job.device)
+            entry["scan"] = _scan_of(entry, cell, job.device)
         entry["seconds"] = round(time.perf_counter() - started, 3)
         return entry
     entry["before"] = metrics(cell.measure(cell.path))
     log(f"{model.name}: before ACC {entry['before']['acc']:.4f} ASR {entry['before']['asr']:.4f}")
     if "guided" in job.methods:
-        entry["guided"], _ = run_purify(cell, "trigger", job.iterations, job.work_dir, job.device)
+        entry["guided"], guided_result = run_purify(cell, "trigger", job.iterations, job.work_dir, job.device)
+        entry["pruning"] = run_pruning_only(cell, guided_result, job.work_dir)
     anp_result = None
     if "anp" in job.methods:
         entry["anp"], anp_result = run_purify(cell, "anp", job.iterations, job.work_dir, job.device)
@@ -444,12 +586,18 @@ def measure_cell(model: BenchModel, plot: bool, job: CellJob) -> dict:
             cell, "clp", partial(baselines.clp, cell.onnx, cell.neuron_map, job.clp_u), job.work_dir
         )
     if job.with_scan:
-        entry["scan"] = scan_from_purify(entry["guided"]["guided"]) if "guided" in entry else run_scan(cell, job.device)
+        entry["scan"] = _scan_of(entry, cell, job.device)
     entry["seconds"] = round(time.perf_counter() - started, 3)
     return entry
 
 
-def _run_cells(work: list[tuple[BenchModel, bool]], job: CellJob, jobs: int) -> Iterator[dict]:
+def _scan_of(entry: dict, cell: Cell, device: str) -> dict:
+    """The scan's figures: from the default purify's target search where it ran, else the scan itself."""
+    guided = entry.get("guided", {}).get("guided")
+    return scan_from_purify(guided) if guided else run_scan(cell, device)
+
+
+def _run_cells(work: list[tuple[BenchModel | ExternalModel, bool]], job: CellJob, jobs: int) -> Iterator[dict]:
     """The cells' entries as they finish: in this process, or in `jobs` worker processes that share the
     machine's cores (torch threads per worker: cores // jobs)."""
     if jobs <= 1:
@@ -472,7 +620,9 @@ def _one_line(entry: dict) -> str:
     for method in METHODS:
         if entry.get(method):
             result = entry[method]
-            parts.append(f"{method} {result['acc']:.4f}/{result['asr']:.4f} ({result['pruned']} pruned)")
+            asr = "–" if result["asr"] is None else f"{result['asr']:.4f}"
+            verdict = f", {result['verdict']['name']}" if result.get("verdict") else ""
+            parts.append(f"{method} {result['acc']:.4f}/{asr} ({result['pruned']} pruned{verdict})")
     if entry.get("scan"):
         parts.append(f"scan {entry['scan']['score']:.3f} -> {entry['scan']['suspected_target']}")
     return "; ".join(parts) + f"; {entry['seconds']:.0f} s"
@@ -481,6 +631,7 @@ def _one_line(entry: dict) -> str:
 def _finish(results: dict, out_dir: Path) -> None:
     results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     results["summary"] = method_summary(results["cells"])
+    results["clean_summary"] = clean_summary(results["clean_models"])
     results["scan_summary"] = scan_summary(results["cells"], results["clean_models"])
     write_results(results, out_dir)
 

@@ -10,9 +10,19 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-METHODS = ("guided", "anp", "fp", "clp")
-METHOD_TITLES = {"guided": "anp-onnx", "anp": "ANP masks", "fp": "Fine-Pruning", "clp": "CLP"}
+METHODS = ("guided", "pruning", "anp", "fp", "clp")  # the columns, in order
+RUNNABLE_METHODS = ("guided", "anp", "fp", "clp")  # `--methods`; "pruning" comes from the "guided" run
+METHOD_TITLES = {
+    "guided": "anp-onnx (prune + repair)",
+    "pruning": "pruning only",
+    "anp": "ANP masks",
+    "fp": "Fine-Pruning",
+    "clp": "CLP",
+}
 DEFAULT_METHODS = ("guided", "fp", "clp")  # `make bench`; the paper's masks ("anp") on request: 4 min a cell
+VERDICTS = ("purified", "residual", "clean")
+MAX_ASR_PERCENT = 5.0  # issue 22's targets for every cell
+MAX_ACC_DROP_POINTS = 3.0
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
@@ -37,24 +47,116 @@ def scan_summary(cells: Sequence[dict], clean: Sequence[dict]) -> dict[str, obje
     }
 
 
-def method_summary(cells: Sequence[dict]) -> dict[str, dict[str, float | int]]:
-    """Per method over the cells it ran on: mean ACC drop (points), mean ASR after, worst cell of each."""
-    summary = {}
+def acc_drop_points(cell: dict, method: str) -> float:
+    """ACC before minus after `method`, in points (rounded off float noise, so 3.0 is within 3)."""
+    return round(100 * (cell["before"]["acc"] - cell[method]["acc"]), 6)
+
+
+def asr_percent(cell: dict, method: str) -> float:
+    return round(100 * cell[method]["asr"], 6)
+
+
+def meets_targets(cell: dict, method: str) -> bool:
+    """Issue 22's goal for one cell: ASR <= 5% with an ACC drop of at most 3 points."""
+    return asr_percent(cell, method) <= MAX_ASR_PERCENT and acc_drop_points(cell, method) <= MAX_ACC_DROP_POINTS
+
+
+def verdict_name(result: dict) -> str | None:
+    """The verdict purify gave (None: the method gives none)."""
+    verdict = result.get("verdict")
+    return verdict["name"] if verdict else None
+
+
+def failure_reason(result: dict) -> str:
+    """Why a cell the method ran on misses the targets, from what purify recorded: no backdoor evidence
+    (the detector's miss), or the verdict's reason with where repair stopped and what the budget left."""
+    guided = result.get("guided") or {}
+    if guided.get("backdoor_evidence") is False:
+        return f"no backdoor evidence: {guided.get('evidence', 'below both thresholds')}"
+    verdict = result.get("verdict") or {}
+    parts = [verdict["reason"]] if verdict.get("reason") else []
+    repair = result.get("repair") or {}
+    if repair.get("ran"):
+        stop = repair.get("stopped_because")
+        kept = repair.get("held_out_accuracy"), repair.get("held_out_accuracy_reference")
+        if stop:
+            parts.append(f"repair stopped: {stop}")
+        if None not in kept:
+            parts.append(f"held-out accuracy {100 * kept[1]:.1f} -> {100 * kept[0]:.1f}")
+    elif repair.get("why"):
+        parts.append(f"repair did not run: {repair['why']}")
+    return "; ".join(parts)
+
+
+def method_summary(cells: Sequence[dict]) -> dict[str, dict[str, object]]:
+    """Per method over the cells it ran on: mean ACC drop (points), mean ASR after, worst cell of each, the
+    cells meeting the targets; for a method with verdicts, how many cells got each, how many it repaired,
+    and the cells still outside the targets with their verdict."""
+    summary: dict[str, dict[str, object]] = {}
     for method in METHODS:
         ran = [cell for cell in cells if cell.get(method)]
         if not ran:
             continue
-        drops = [100 * (cell["before"]["acc"] - cell[method]["acc"]) for cell in ran]
-        asrs = [100 * cell[method]["asr"] for cell in ran]
-        summary[method] = {
+        drops = [acc_drop_points(cell, method) for cell in ran]
+        asrs = [asr_percent(cell, method) for cell in ran]
+        stats: dict[str, object] = {
             "cells": len(ran),
             "mean_acc_drop_points": round(sum(drops) / len(ran), 2),
             "max_acc_drop_points": round(max(drops), 2),
             "mean_asr_percent": round(sum(asrs) / len(ran), 2),
             "max_asr_percent": round(max(asrs), 2),
-            "cells_meeting_targets": sum(d <= 3 and a <= 5 for d, a in zip(drops, asrs, strict=True)),
+            "cells_meeting_targets": sum(meets_targets(cell, method) for cell in ran),
         }
+        failing = [cell for cell in ran if not meets_targets(cell, method)]
+        stats["failing_cells"] = [
+            {
+                "name": cell["name"],
+                "acc_drop_points": round(acc_drop_points(cell, method), 2),
+                "asr_percent": round(asr_percent(cell, method), 2),
+                "verdict": verdict_name(cell[method]),
+                "why": failure_reason(cell[method]),
+            }
+            for cell in failing
+        ]
+        names = [verdict_name(cell[method]) for cell in ran]
+        if any(names):
+            stats["verdicts"] = {name: names.count(name) for name in VERDICTS}
+            stats["repaired"] = sum(bool(cell[method].get("repair", {}).get("ran")) for cell in ran)
+            stats["purified_but_failing"] = [c["name"] for c in failing if verdict_name(c[method]) == "purified"]
+        summary[method] = stats
     return summary
+
+
+def clean_summary(clean: Sequence[dict]) -> dict[str, object]:
+    """The default purify on the clean models: does every one get verdict `clean` with its ACC unchanged?"""
+    ran = [model for model in clean if model.get("guided")]
+    exceptions = [
+        model["name"]
+        for model in ran
+        if not (verdict_name(model["guided"]) == "clean" and model["guided"]["unchanged"])
+    ]
+    return {
+        "models": len(ran),
+        "verdicts": {name: sum(verdict_name(model["guided"]) == name for model in ran) for name in VERDICTS},
+        "unchanged": sum(bool(model["guided"]["unchanged"]) for model in ran),
+        "all_clean_and_unchanged": bool(ran) and not exceptions,
+        "exceptions": exceptions,
+    }
+
+
+def cost_summary(cells: Sequence[dict]) -> dict[str, object]:
+    """Repair seconds over the same run's pruning-stage seconds: the mean ratio over every cell, and over
+    the cells where repair trained weights (elsewhere it only measured the refitted trigger)."""
+    records = [cell["guided"]["repair"] for cell in cells if cell.get("guided", {}).get("repair")]
+    ratios = [record["ratio_to_pruning"] for record in records if record.get("ratio_to_pruning") is not None]
+    ran = [record["ratio_to_pruning"] for record in records if record["ran"] and record.get("ratio_to_pruning")]
+    return {
+        "cells": len(ratios),
+        "mean_ratio": round(sum(ratios) / len(ratios), 3) if ratios else None,
+        "max_ratio": round(max(ratios), 3) if ratios else None,
+        "repaired_cells": len(ran),
+        "mean_ratio_repaired": round(sum(ran) / len(ran), 3) if ran else None,
+    }
 
 
 def _pct(value: float | None) -> str:
@@ -72,43 +174,171 @@ def _row(cells: Sequence[str]) -> str:
 NO_CELLS = "No backdoored model measured (yet)."
 
 
+def _ran(cells: Sequence[dict]) -> list[str]:
+    """The methods that ran on at least one cell, in column order."""
+    return [method for method in METHODS if any(cell.get(method) for cell in cells)]
+
+
+def _has_verdicts(cells: Sequence[dict], method: str) -> bool:
+    return any(cell.get(method, {}).get("verdict") for cell in cells)
+
+
 def defence_table(cells: Sequence[dict]) -> list[str]:
-    """The paper's Table 1 layout: per model ACC / ASR with no defence and after each method."""
+    """The paper's Table 1 layout: per model ACC / ASR with no defence and after each method that ran; a
+    method with verdicts (anp-onnx's default) also shows the verdict and whether repair changed weights."""
     if not cells:
         return [NO_CELLS]
+    methods = _ran(cells)
     header = ["model", "attack", "export", "target", "No defence ACC", "ASR"]
-    for method in METHODS:
+    align = ["---"] * 4 + ["---:"] * 2
+    for method in methods:
         header += [f"{METHOD_TITLES[method]} ACC", "ASR"]
-    lines = [_row(header), _row(["---"] * 4 + ["---:"] * (len(header) - 4))]
+        align += ["---:"] * 2
+        if _has_verdicts(cells, method):
+            header += ["verdict", "repaired"]
+            align += ["---"] * 2
+    lines = [_row(header), _row(align)]
     for cell in cells:
         row = [cell["arch"], cell["attack"], cell["export"], str(cell["target"]), *_pair(cell["before"])]
-        for method in METHODS:
+        for method in methods:
             row += _pair(cell.get(method))
+            if _has_verdicts(cells, method):
+                result = cell.get(method) or {}
+                repaired = result.get("repair", {}).get("ran")
+                row += [verdict_name(result) or "–", "–" if repaired is None else ("yes" if repaired else "no")]
         lines.append(_row(row))
     summary = method_summary(cells)
     average = ["**average**", "", "", "", _pct(_mean(c["before"]["acc"] for c in cells)), ""]
     average[-1] = _pct(_mean(c["before"]["asr"] for c in cells))
-    for method in METHODS:
-        if method in summary:
-            stats = summary[method]
-            average += [f"drop {stats['mean_acc_drop_points']:.2f}", f"{stats['mean_asr_percent']:.2f}"]
-        else:
-            average += ["–", "–"]
+    for method in methods:
+        stats = summary[method]
+        average += [f"drop {stats['mean_acc_drop_points']:.2f}", f"{stats['mean_asr_percent']:.2f}"]
+        if _has_verdicts(cells, method):
+            counts = stats["verdicts"]
+            average += [", ".join(f"{counts[name]} {name}" for name in VERDICTS), f"{stats['repaired']} repaired"]
     lines.append(_row(average))
     return lines
+
+
+def summary_lines(summary: dict[str, dict]) -> list[str]:
+    """One line per method: means, worst cells, the cells meeting the targets; for the method with
+    verdicts, their counts, and the cells still failing with their verdict."""
+    lines = []
+    for method, stats in summary.items():
+        line = (
+            f"- {METHOD_TITLES[method]}: {stats['cells']} cells, mean ACC drop {stats['mean_acc_drop_points']:.2f} "
+            f"points (worst {stats['max_acc_drop_points']:.2f}), mean ASR {stats['mean_asr_percent']:.2f}% "
+            f"(worst {stats['max_asr_percent']:.2f}%); **{stats['cells_meeting_targets']} of {stats['cells']}** "
+            f"cells meet ASR <= {MAX_ASR_PERCENT:g}% with ACC drop <= {MAX_ACC_DROP_POINTS:g} points"
+        )
+        if "verdicts" in stats:
+            counts = stats["verdicts"]
+            line += f"; verdicts: {', '.join(f'{counts[name]} {name}' for name in VERDICTS)}"
+            line += f"; repair changed weights in {stats['repaired']}"
+        lines.append(line + ".")
+    return lines
+
+
+def failing_lines(summary: dict[str, dict], method: str = "guided") -> list[str]:
+    """The cells `method` still leaves outside the targets, each with its verdict, said plainly."""
+    if method not in summary:
+        return []
+    stats, title = summary[method], METHOD_TITLES[method]
+    if "failing_cells" not in stats:
+        return []
+    if not stats["failing_cells"]:
+        return [f"- Every cell meets the targets with {title}."]
+    lines = [f"- Cells still outside the targets with {title}, and why (from purify's own record):"]
+    for cell in stats["failing_cells"]:
+        why = f": {cell['why']}" if cell.get("why") else ""
+        lines.append(
+            f"  - `{cell['name']}` (ACC drop {cell['acc_drop_points']:.2f}, ASR {cell['asr_percent']:.2f}%, "
+            f"verdict {cell['verdict'] or '–'}){why}"
+        )
+    if stats.get("purified_but_failing"):
+        named = ", ".join(f"`{name}`" for name in stats["purified_but_failing"])
+        lines.append(f"- Verdict `purified` although the measured ASR or ACC misses the targets: {named}.")
+    return lines
+
+
+def repair_table(cells: Sequence[dict]) -> list[str]:
+    """Per cell what repair did and what it cost beside the pruning stage of the same purify run."""
+    rows = [cell for cell in cells if cell.get("guided", {}).get("repair")]
+    if not rows:
+        return ["No purify run with a repair stage in this invocation."]
+    header = ["model", "verdict", "repair ran", "why", "initializers changed", "largest relative change"]
+    header += ["pruned before repair", "repair s", "pruning stage s", "repair / pruning"]
+    lines = [_row(header), _row(["---", "---", "---", "---"] + ["---:"] * (len(header) - 4))]
+    for cell in rows:
+        record = cell["guided"]["repair"]
+        ratio = record.get("ratio_to_pruning")
+        row = [cell["name"], verdict_name(cell["guided"]) or "–", "yes" if record["ran"] else "no", record["why"]]
+        row += [str(record["changed_initializers"]), f"{record['max_relative_change']:.4f}"]
+        row += [str(record["method_pruned"]), f"{record['seconds']:.1f}", f"{record['pruning_stage_seconds']:.1f}"]
+        row.append("–" if ratio is None else f"{ratio:.2f}")
+        lines.append(_row(row))
+    return lines
+
+
+def cost_lines(cells: Sequence[dict]) -> list[str]:
+    """The mean ratio of repair time to pruning time, said plainly."""
+    cost = cost_summary(cells)
+    if cost["mean_ratio"] is None:
+        return []
+    line = (
+        f"Repair / pruning-stage time, measured side by side in each cell's purify run: mean "
+        f"**{cost['mean_ratio']:.2f}** (worst {cost['max_ratio']:.2f}) over {cost['cells']} cells"
+    )
+    if cost["mean_ratio_repaired"] is not None:
+        line += f"; {cost['mean_ratio_repaired']:.2f} over the {cost['repaired_cells']} cells where repair trained"
+    return [line + " (elsewhere the stage only refits and measures the trigger)."]
+
+
+def clean_table(clean: Sequence[dict]) -> list[str]:
+    """The default purify on the clean control models: ACC before and after, and the verdict."""
+    rows = [model for model in clean if model.get("guided")]
+    if not rows:
+        return ["No clean model purified in this invocation (`--methods` without guided)."]
+    lines = [_row(["model", "ACC before", "ACC after", "change (points)", "verdict"])]
+    lines.append(_row(["---", "---:", "---:", "---:", "---"]))
+    for model in rows:
+        result = model["guided"]
+        change = f"{result['acc_change_points']:+.2f}"
+        lines.append(
+            _row(
+                [
+                    model["name"],
+                    _pct(model["before"]["acc"]),
+                    _pct(result["acc"]),
+                    change,
+                    verdict_name(result) or "–",
+                ]
+            )
+        )
+    summary = clean_summary(clean)
+    if summary["all_clean_and_unchanged"]:
+        verdict = f"Every one of the {summary['models']} clean models gets verdict `clean` with its ACC unchanged."
+    else:
+        named = ", ".join(f"`{name}`" for name in summary["exceptions"])
+        verdict = (
+            f"**Not** every clean model gets verdict `clean` with its ACC unchanged: {named} "
+            f"({summary['verdicts']['clean']} of {summary['models']} clean, {summary['unchanged']} unchanged)."
+        )
+    return [*lines, "", verdict]
 
 
 def pruning_table(cells: Sequence[dict]) -> list[str]:
     """How many neurons each method pruned, and the wall time of each step."""
     if not cells:
         return [NO_CELLS]
-    header = ["model", "neurons", *(f"{METHOD_TITLES[m]} pruned" for m in METHODS)]
-    header += [*(f"{METHOD_TITLES[m]} s" for m in METHODS), "scan s", "cell s"]
+    methods = _ran(cells)
+    header = ["model", "neurons", *(f"{METHOD_TITLES[m]} pruned" for m in methods)]
+    header += [*(f"{METHOD_TITLES[m]} s" for m in methods), "scan s", "cell s"]
     lines = [_row(header), _row(["---"] + ["---:"] * (len(header) - 1))]
     for cell in cells:
         row = [cell["name"], str(cell["neurons"])]
-        row += [str(cell[m]["pruned"]) if cell.get(m) else "–" for m in METHODS]
-        row += [f"{cell[m]['seconds']:.1f}" if cell.get(m) else "–" for m in METHODS]
+        row += [str(cell[m]["pruned"]) if cell.get(m) else "–" for m in methods]
+        row += [f"{cell[m]['seconds']:.1f}" if cell.get(m) else "–" for m in methods]
         row += [f"{cell['scan']['seconds']:.1f}" if cell.get("scan") else "–", f"{cell['seconds']:.1f}"]
         lines.append(_row(row))
     return lines
@@ -140,7 +370,7 @@ def comparison_lines(summary: dict[str, dict]) -> list[str]:
     """Issue 3's acceptance, said plainly: does anp-onnx (its default, and the paper's masks where they
     ran) beat each baseline on mean ASR at an equal or smaller mean ACC drop?"""
     lines = []
-    for method in ("guided", "anp"):
+    for method in ("guided", "pruning", "anp"):
         if method not in summary:
             continue
         ours = summary[method]
@@ -182,7 +412,9 @@ def results_markdown(results: dict) -> str:
         "",
         "## Settings",
         "",
-        f"- **anp-onnx**: `anp_onnx.pipeline.purify.purify` with the package defaults ({settings['guided_note']}).",
+        f"- **anp-onnx (prune + repair)**: `anp_onnx.pipeline.purify.purify` with the package defaults "
+        f"({settings['guided_note']}).",
+        f"- **pruning only**: {settings.get('pruning_note', 'the same run without repair')}.",
         f"- **ANP masks**: the same with `method='anp'`, the paper's loop and threshold ({settings['anp_note']}).",
         f"- **Fine-Pruning** (pruning only): {settings['fp_note']}",
         f"- **CLP**: {settings['clp_note']}",
@@ -194,21 +426,32 @@ def results_markdown(results: dict) -> str:
         *defence_table(cells),
         "",
         "The last row: the mean ACC and ASR with no defence, then for each method the mean ACC drop "
-        "(points) and the mean ASR after. Per method:",
+        "(points) and the mean ASR after (and the verdicts' counts). The verdict is purify's own, from the "
+        "clean data alone: `purified` when the trigger refitted to the written model succeeds at most at the "
+        "stop level, `residual` when it still succeeds, `clean` when no backdoor evidence was found; "
+        "`repaired`: whether repair changed kept weights. Per method:",
         "",
     ]
-    for method, stats in results["summary"].items():
-        lines.append(
-            f"- {METHOD_TITLES[method]}: {stats['cells']} cells, mean ACC drop {stats['mean_acc_drop_points']:.2f} "
-            f"points (worst {stats['max_acc_drop_points']:.2f}), mean ASR {stats['mean_asr_percent']:.2f}% "
-            f"(worst {stats['max_asr_percent']:.2f}%); {stats['cells_meeting_targets']} of {stats['cells']} cells "
-            "within issue 3's targets (ASR <= 5%, ACC drop <= 3 points)."
-        )
-    lines += comparison_lines(results["summary"])
-    not_run = [METHOD_TITLES[m] for m in METHODS if m not in results["summary"]]
+    summary = results["summary"]
+    lines += summary_lines(summary)
+    lines += failing_lines(summary)
+    lines += comparison_lines(summary)
+    not_run = [METHOD_TITLES[m] for m in METHODS if m not in summary]
     if not_run:
         lines.append(f"- Not run in this invocation: {', '.join(not_run)} (`--methods`).")
-    lines += ["", "## Neurons pruned and wall time per cell", "", *pruning_table(cells), ""]
+    lines += ["", "## Clean models: the default purify", "", *clean_table(clean), ""]
+    lines += ["## Cost: repair beside pruning", "", *repair_table(cells), ""]
+    cost = cost_lines(cells)
+    if cost:
+        lines += [*cost, ""]
+    lines += ["## Neurons pruned and wall time per cell", "", *pruning_table(cells), ""]
+    if any(cell.get("pruning") for cell in cells):
+        lines += [
+            "anp-onnx (prune + repair) pruned: the neurons the written model has pruned (0 where repair "
+            "replaced the pruning with changed weights); pruning only s: the same purify run without its "
+            "repair stage.",
+            "",
+        ]
     scan = results["scan_summary"]
     lines += ["## Trigger-free scan (issue 5)", ""]
     if scan["auroc"] is not None:

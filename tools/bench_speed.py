@@ -16,7 +16,7 @@ Measured on the same model and data, in one run, after `--warmup` steps that are
     (c)'s median, the paper's run length; not run whole). `--no-end-to-end` leaves it out;
 (f) trigger synthesis, where the default method spends most of its time: one step of
     `trigger.synthesise_trigger` (BatchNorm folded, channels-last, identity gates skipped, bfloat16
-    where native: `anp_onnx/fast_eval.py`) against the same step written plainly (the gated model in
+    where native: `anp_onnx/bridge/fast_eval.py`) against the same step written plainly (the gated model in
     eval mode, float32), interleaved like (a)-(c).
 
 (a), (b) and (c) are interleaved: (a) and (c) run inside (b)'s callback, and the callback's own time
@@ -53,12 +53,15 @@ from anp_onnx.bridge.importer import convert_to_torch, import_model  # noqa: E40
 from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.methods import anp  # noqa: E402
 from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.methods.perturbation import calibrate, tensors  # noqa: E402
+from anp_onnx.methods.settings import TriggerMethodSettings  # noqa: E402
 from anp_onnx.methods.trigger.guided import GuidedSettings  # noqa: E402
 from anp_onnx.methods.trigger.synthesis import INITIAL_MASKS, SIZE_WEIGHTS, TriggerSettings, synthesise_trigger  # noqa: E402
 from anp_onnx.onnx.model import input_shape, load_model  # noqa: E402
 from anp_onnx.onnx.neurons import build_neuron_map  # noqa: E402
 from anp_onnx.pipeline.purify import PurifyResult, purify  # noqa: E402
 from anp_onnx.pipeline.scan import calibrated_classifier  # noqa: E402
+from anp_onnx.prune import PruningPlan  # noqa: E402
 from anp_onnx.validate.evaluate import EVAL_BATCH, Evaluator  # noqa: E402
 
 DEFAULT_EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
@@ -234,7 +237,7 @@ def time_torch(
     model = load_model(example / "model.onnx")
     neuron_map = build_neuron_map(model)
     clean = load_samples(example / "clean.npz", input_shape(model), "clean data")
-    x, y = anp.tensors(clean.x, clean.y, device)
+    x, y = tensors(clean.x, clean.y, device)
     settings = AnpSettings(iterations=warmup + steps, batch_size=batch_size)
     generator = torch.Generator(device=device).manual_seed(1)
 
@@ -243,7 +246,7 @@ def time_torch(
     reference_iteration = make_reference_iteration(convert_to_torch(model).to(device), x, y, settings, generator)
     classifier = import_model(model, neuron_map, renormalise=True).to(device)
     torch.manual_seed(settings.seed)
-    anp.calibrate(classifier, x, settings)
+    calibrate(classifier, x, neuron_mode=settings.neuron_mode)
 
     times: dict[str, list[float]] = {"train": [], "anp": [], "reference": []}
     last_exit = [0.0]
@@ -471,9 +474,14 @@ def timed_purify(example: Path, stages: GuidedSettings | None = None) -> tuple[P
             Path(folder) / "purified.onnx",
             test_data=example / "test.npz" if (example / "test.npz").is_file() else None,
             poison_data=example / "poison.npz" if (example / "poison.npz").is_file() else None,
-            stages=stages,
+            settings=TriggerMethodSettings(stages=stages),
         )
         return result, time.perf_counter() - started
+
+
+def pruning_plan(result: PurifyResult) -> PruningPlan:
+    """The pruning the method decided (before repair, which may replace it with changed weights)."""
+    return result.method_plan if result.method_plan is not None else result.plan
 
 
 def time_end_to_end(example: Path) -> dict[str, object]:
@@ -481,10 +489,12 @@ def time_end_to_end(example: Path) -> dict[str, object]:
     result, seconds = timed_purify(example)
     return {
         "seconds": seconds,
-        "method": result.settings.method,
+        "method": result.method,
         "before": {"acc": result.before.acc, "asr": result.before.asr},
         "after": {"acc": result.after.acc, "asr": result.after.asr},
-        "pruned": len(result.plan.neurons),
+        "pruned": len(pruning_plan(result).neurons),
+        "repair_ran": bool(result.repair and result.repair.ran),
+        "verdict": result.verdict.name if result.verdict else None,
         "timings_s": result.timings,
     }
 

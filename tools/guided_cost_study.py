@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from anp_onnx.methods.trigger.guided import GuidedSettings  # noqa: E402
-from tools.bench_speed import timed_purify  # noqa: E402
+from tools.bench_speed import pruning_plan, timed_purify  # noqa: E402
 
 
 def study_model(folder: Path, stages: GuidedSettings) -> dict[str, object]:
@@ -38,7 +38,9 @@ def study_model(folder: Path, stages: GuidedSettings) -> dict[str, object]:
         "stage_steps": guided.get("stage_steps"),
         "before": {"acc": result.before.acc, "asr": result.before.asr},
         "after": {"acc": result.after.acc, "asr": result.after.asr},
-        "pruned": len(result.plan.neurons),
+        "pruned": len(pruning_plan(result).neurons),
+        "repair_ran": bool(result.repair and result.repair.ran),
+        "verdict": result.verdict.name if result.verdict else None,
         "triggers": [trigger["kind"] for trigger in guided.get("triggers", [])],
         "seconds": round(seconds, 1),
         "stage_seconds": guided.get("stage_seconds"),

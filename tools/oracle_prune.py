@@ -27,8 +27,8 @@ if str(ROOT) not in sys.path:
 from anp_onnx.bridge.fast_eval import fast_eval  # noqa: E402
 from anp_onnx.bridge.importer import import_model  # noqa: E402
 from anp_onnx.data import load_samples  # noqa: E402
-from anp_onnx.methods import anp  # noqa: E402
 from anp_onnx.methods.anp import AnpSettings  # noqa: E402
+from anp_onnx.methods.perturbation import calibrate  # noqa: E402
 from anp_onnx.onnx.model import input_shape  # noqa: E402
 from anp_onnx.onnx.neurons import build_neuron_map  # noqa: E402
 
@@ -58,7 +58,7 @@ def main(example: Path, rounds: int, select: int, weight: float, smooth: bool, t
     shape = input_shape(model)
     clean, test, poison = (load_samples(example / f"{name}.npz", shape) for name in ("clean", "test", "poison"))
     classifier = import_model(model, neuron_map, renormalise=True)
-    anp.calibrate(classifier, torch.from_numpy(clean.x), AnpSettings())
+    calibrate(classifier, torch.from_numpy(clean.x), neuron_mode=AnpSettings().neuron_mode)
     classifier.eval()
     pick = [torch.from_numpy(a[:select]) for a in (test.x, test.y, poison.x, poison.y)]
     rest = [torch.from_numpy(a[select:]) for a in (test.x, test.y, poison.x, poison.y)]

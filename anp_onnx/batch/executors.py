@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from anp_onnx.batch.manifest import BatchJob
 from anp_onnx.batch.runner import ModelOutcome, outcome_of, run_job
-from anp_onnx.errors import AnpError
+from anp_onnx.errors import AnpError, one_line
 
 EXECUTORS = ("local", "ray")
 
@@ -65,7 +65,7 @@ class RayExecutor:
         try:
             return self.ray.get(reference)
         except self.ray.exceptions.RayError as error:
-            reason = f"ray task failed ({type(error).__name__}: {' '.join(str(error).split())[:300]})"
+            reason = f"ray task failed ({type(error).__name__}: {one_line(error)[:300]})"
             return outcome_of(job, "failed", reason)
 
 

@@ -1,6 +1,7 @@
 """A model's figures for `--report-dir`, drawn from a purify result and re-measured on the model's test
 (else clean) and poison data: for `--method trigger` the synthetic trigger and ACC / ASR round by
-round; for `--method anp` the mask histogram and the threshold sweep."""
+round (the method's pruning, before any repair) and the repair stage step by step; for `--method anp`
+the mask histogram and the threshold sweep."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from anp_onnx.prune import PruningPlan
 from anp_onnx.report.plots import (
     plot_mask_distribution,
     plot_pruning_rounds,
+    plot_repair,
     plot_threshold_sweep,
     plot_trigger,
 )
@@ -54,14 +56,23 @@ def _trigger_figures(job: BatchJob, result: PurifyResult, model, clean, poison, 
     summary = result.guided["triggers"][0]
     title = f"{job.name}: synthetic trigger for label {summary['target']} (success {100 * summary['success']:.0f}%)"
     plot_trigger(trigger["mask"], trigger["pattern"], example, paths["trigger"], title=title)
+    pruning = result.method_plan or result.plan  # the method's rounds, also when repair replaced them
     points = prefix_sweep(
-        model, result.neuron_map, result.plan, clean, poison, device=job.device, class_output=options.class_output
+        model, result.neuron_map, pruning, clean, poison, device=job.device, class_output=options.class_output
     )
     guided = result.guided
     decided = [(guided["clean_accuracy_before"], guided["synthetic_asr_before"])]
     decided += [(step["clean_accuracy"], step["synthetic_asr"]) for step in guided["rounds"]]
-    plot_pruning_rounds(
-        points, decided, paths["rounds"], title=f"{job.name}: {result.plan.criterion}", acc_label=acc_label
+    plot_pruning_rounds(points, decided, paths["rounds"], title=f"{job.name}: {pruning.criterion}", acc_label=acc_label)
+    repair = result.repair.summary() if result.repair is not None else {}
+    written = (result.after.acc, result.after.asr) if options.test_data is not None else (None, result.after.asr)
+    plot_repair(
+        repair.get("checks", []),
+        written,
+        paths["repair"],
+        title=f"{job.name}: repair ({result.verdict.name if result.verdict else 'not checked'})",
+        acc_label=acc_label,
+        note="" if repair.get("ran") else f"repair did not run: {repair.get('why', 'no triggers')}",
     )
     return {
         "sweep": [point.as_dict() for point in points],

@@ -16,55 +16,43 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from anp_onnx.errors import AnpError
-from anp_onnx.methods.anp import AnpSettings
-from anp_onnx.pipeline.purify import PruningChoice
+from anp_onnx.errors import AnpError, one_line
+from anp_onnx.methods.registry import get_method
+from anp_onnx.options import (
+    PATHS,
+    PRUNING_AMOUNT,
+    SETTINGS,
+    method_settings,
+    refuse_foreign,
+    refuse_two_amounts,
+    setting,
+)
 
-PATH_KEYS = ("data", "test_data", "poison_data")
-PRUNING_KEYS = ("threshold", "prune_fraction", "prune_count", "prune_max_acc_drop")
-# setting -> (type, lowest, highest); None: unbounded
-SETTING_TYPES: dict[str, tuple[type, float | None, float | None]] = {
-    "method": (str, None, None),
-    "iterations": (int, 0, None),
-    "batch_size": (int, 1, None),
-    "eps": (float, 0, None),
-    "alpha": (float, 0, 1),
-    "mask_lr": (float, 0, None),
-    "neuron_mode": (str, None, None),
-    "augment": (bool, None, None),
-    "mask_average": (bool, None, None),
-    "early_stop": (bool, None, None),
-    "threshold": (float, 0, 1),
-    "prune_fraction": (float, 0, 1),
-    "prune_count": (int, 0, None),
-    "prune_max_acc_drop": (float, 0, 1),
-    "holdout": (float, 0, 1),
-    "seed": (int, None, None),
-    "class_output": (str, None, None),
-}
+PATH_KEYS = tuple(option.name for option in PATHS)
+SETTING_KEYS = tuple(option.name for option in SETTINGS)  # the manifest's keys are the option declarations' names
 ENTRY_KEYS = ("model", "name", "output")
-# the PNGs of --report-dir per method: the synthetic trigger and the pruning rounds, or ANP's masks and sweep
-FIGURE_KINDS = {"trigger": ("trigger", "rounds"), "anp": ("masks", "sweep")}
+# the PNGs of --report-dir per method: the synthetic trigger, the pruning rounds and the repair, or ANP's
+# masks and sweep
+FIGURE_KINDS = {"trigger": ("trigger", "rounds", "repair"), "anp": ("masks", "sweep")}
 
 
 @dataclass(frozen=True)
 class PurifyOptions:
-    """Everything that decides a model's result (what the resume fingerprint covers), device aside."""
+    """Everything that decides a model's result (what the resume fingerprint covers), device aside:
+    `settings` is the method's settings dataclass (anp_onnx.methods.settings)."""
 
     data: Path
     test_data: Path | None
     poison_data: Path | None
-    settings: AnpSettings
-    pruning: PruningChoice
-    early_stop: bool
+    method: str
+    settings: object
     class_output: str | None
 
     def as_dict(self) -> dict[str, object]:
         return {
             **{key: None if getattr(self, key) is None else str(getattr(self, key)) for key in PATH_KEYS},
-            "settings": self.settings.as_dict(),
-            "pruning": asdict(self.pruning),
-            "early_stop": self.early_stop,
+            "method": self.method,
+            "settings": asdict(self.settings),
             "class_output": self.class_output,
         }
 
@@ -86,7 +74,7 @@ class BatchJob:
     def plot_paths(self) -> dict[str, Path]:
         if self.plots_dir is None:
             return {}
-        kinds = FIGURE_KINDS[self.options.settings.method]
+        kinds = FIGURE_KINDS.get(self.options.method, ())
         return {kind: self.plots_dir / f"{self.name}.{kind}.png" for kind in kinds}
 
 
@@ -97,22 +85,26 @@ def plan_jobs(
     out_dir: Path,
     report_dir: Path | None = None,
     device: str = "auto",
+    command_line: Mapping[str, str] | None = None,
 ) -> list[BatchJob]:
-    """The jobs for INPUT files/folders (with `settings`, keys as in SETTING_TYPES plus PATH_KEYS) and
-    for a manifest's entries (its values over `settings`); AnpError for anything unusable."""
-    entries = [({**settings, "model": path}, Path()) for path in expand_inputs(inputs, out_dir)]
+    """The jobs for INPUT files/folders (with `settings`: the options the user gave, keys as the option
+    declarations name them) and for a manifest's entries (its values over `settings`); AnpError for
+    anything unusable. `command_line` says how the command line spelled each of `settings`, for messages."""
+    given = [key for key, value in settings.items() if value is not None and key not in PATH_KEYS]
+    entries = [({**settings, "model": path}, Path(), given) for path in expand_inputs(inputs, out_dir)]
     if manifest is not None:
         from_cwd = {
             key: Path(value).absolute() if key in PATH_KEYS and value else value for key, value in settings.items()
         }
-        entries += [(entry, manifest.parent) for entry in read_manifest(manifest, from_cwd)]
+        entries += [(entry, manifest.parent, [*given, *own]) for entry, own in read_manifest(manifest, from_cwd)]
     if not entries:
         raise AnpError("no models: give .onnx files or folders of them, or --manifest")
     names = _names(
-        [_resolve(base, values["model"]) for values, base in entries], [values.get("name") for values, _ in entries]
+        [_resolve(base, values["model"]) for values, base, _ in entries],
+        [values.get("name") for values, _, _ in entries],
     )
     jobs = []
-    for (values, base), name in zip(entries, names, strict=True):
+    for (values, base, explicit), name in zip(entries, names, strict=True):
         model = _resolve(base, values["model"])
         if not model.is_file():
             raise AnpError(f"model {name}: {model}: no such file")
@@ -123,7 +115,7 @@ def plan_jobs(
                 output=out_dir / str(values["output"]) if values.get("output") else out_dir / f"{name}.onnx",
                 report=(report_dir or out_dir) / f"{name}.report.json",
                 plots_dir=report_dir,
-                options=purify_options(values, base, f"model {name}"),
+                options=purify_options(values, base, f"model {name}", explicit, command_line),
                 device=device,
             )
         )
@@ -149,8 +141,9 @@ def expand_inputs(inputs: Iterable[Path], out_dir: Path) -> list[Path]:
     return models
 
 
-def read_manifest(path: Path, settings: Mapping[str, object]) -> list[dict[str, object]]:
-    """The manifest's model entries, each merged over its `defaults` and over `settings`."""
+def read_manifest(path: Path, settings: Mapping[str, object]) -> list[tuple[dict[str, object], list[str]]]:
+    """The manifest's model entries, each merged over its `defaults` and over `settings`, with the
+    setting keys the entry itself gives."""
     document = _load_document(path)
     if isinstance(document, list):
         document = {"models": document}
@@ -160,53 +153,56 @@ def read_manifest(path: Path, settings: Mapping[str, object]) -> list[dict[str, 
     if unknown:
         raise AnpError(f"--manifest {path}: unknown top-level keys {', '.join(sorted(unknown))}")
     defaults = document.get("defaults") or {}
-    _check_keys(defaults, f"--manifest {path}: defaults", allowed=(*PATH_KEYS, *SETTING_TYPES))
+    _check_keys(defaults, f"--manifest {path}: defaults", allowed=(*PATH_KEYS, *SETTING_KEYS))
     entries = []
     for position, entry in enumerate(document["models"], start=1):
         if isinstance(entry, str):
             entry = {"model": entry}
         where = f"--manifest {path}: model {position}"
-        _check_keys(entry, where, allowed=(*ENTRY_KEYS, *PATH_KEYS, *SETTING_TYPES))
+        _check_keys(entry, where, allowed=(*ENTRY_KEYS, *PATH_KEYS, *SETTING_KEYS))
         if "model" not in entry:
             raise AnpError(f"{where}: needs a 'model' path")
-        entries.append(_override(_override(dict(settings), defaults), entry))
+        own = [key for key in entry if key in SETTING_KEYS]
+        entries.append((_override(_override(dict(settings), defaults), entry), own))
     return entries
 
 
-def purify_options(values: Mapping[str, object], base: Path, where: str) -> PurifyOptions:
-    """Checked settings -> PurifyOptions; data paths are resolved against `base`."""
+def purify_options(
+    values: Mapping[str, object],
+    base: Path,
+    where: str,
+    explicit: Iterable[str] | None = None,
+    command_line: Mapping[str, str] | None = None,
+) -> PurifyOptions:
+    """Checked settings -> PurifyOptions; data paths are resolved against `base`. Of the `explicit` keys
+    (given on the command line or in the model's own entry; None: all), an option the model's method does
+    not use is refused; one from the manifest's `defaults` is left out for that model. Messages name an
+    option as `command_line` spells it, else as the manifest's 'key'."""
     for key, value in values.items():
-        if key in SETTING_TYPES and value is not None:
-            _check_value(key, value, where)
+        if key in SETTING_KEYS and value is not None:
+            problem = setting(key).problem(value)
+            if problem:
+                raise AnpError(f"{where}: '{key}' {problem}")
     if not values.get("data"):
         raise AnpError(f"{where}: no clean data: give --data, or 'data' in the manifest")
-    chosen = [key for key in PRUNING_KEYS if values.get(key) is not None]
-    if len(chosen) > 1:
-        raise AnpError(f"{where}: choose one of {', '.join(PRUNING_KEYS)}; got {', '.join(chosen)}")
-    settings_fields = AnpSettings.__dataclass_fields__
-    settings = AnpSettings(
-        **{key: values[key] for key in settings_fields if values.get(key) is not None},
-        **({"average_masks": values["mask_average"]} if values.get("mask_average") is not None else {}),
-    )
-    holdout = values.get("holdout")
-    pruning = PruningChoice(
-        threshold=values.get("threshold"),
-        fraction=values.get("prune_fraction"),
-        count=values.get("prune_count"),
-        max_acc_drop=values.get("prune_max_acc_drop"),
-        holdout=0.2 if holdout is None else holdout,
-    )
+    method = str(values.get("method") or setting("method").default)
+    get_method(method)
+    quoted = {key: f"'{key}'" for key in SETTING_KEYS} | dict(command_line or {})
+    try:
+        refuse_two_amounts(values, quoted)
+        given = [key for key in (values if explicit is None else explicit) if values.get(key) is not None]
+        refuse_foreign(method, given, quoted)
+    except AnpError as error:
+        raise AnpError(f"{where}: {error}") from None
     for key in PATH_KEYS:
         if values.get(key) and not _resolve(base, values[key]).is_file():
             raise AnpError(f"{where}: {key} {_resolve(base, values[key])}: no such file")
-    early_stop = values.get("early_stop")
     return PurifyOptions(
         data=_resolve(base, values["data"]),
         test_data=_resolve(base, values["test_data"]) if values.get("test_data") else None,
         poison_data=_resolve(base, values["poison_data"]) if values.get("poison_data") else None,
-        settings=settings,
-        pruning=pruning,
-        early_stop=True if early_stop is None else bool(early_stop),
+        method=method,
+        settings=method_settings(method, values),
         class_output=values.get("class_output"),
     )
 
@@ -226,7 +222,7 @@ def _load_document(path: Path) -> object:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise AnpError(f"--manifest {path}: not valid YAML ({' '.join(str(error).split())})") from None
+            raise AnpError(f"--manifest {path}: not valid YAML ({one_line(error)})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -235,8 +231,8 @@ def _load_document(path: Path) -> object:
 
 def _override(lower: dict[str, object], upper: Mapping[str, object]) -> dict[str, object]:
     """`upper` over `lower`; a pruning choice in `upper` replaces any in `lower` rather than clashing."""
-    if any(upper.get(key) is not None for key in PRUNING_KEYS):
-        lower = {key: value for key, value in lower.items() if key not in PRUNING_KEYS}
+    if any(upper.get(key) is not None for key in PRUNING_AMOUNT):
+        lower = {key: value for key, value in lower.items() if key not in PRUNING_AMOUNT}
     return {**lower, **upper}
 
 
@@ -249,18 +245,6 @@ def _check_keys(entry: object, where: str, allowed: tuple[str, ...]) -> None:
     for key in (*ENTRY_KEYS, *PATH_KEYS):
         if entry.get(key) is not None and not isinstance(entry[key], str | Path):
             raise AnpError(f"{where}: '{key}' must be a path or name, got {entry[key]!r}")
-
-
-def _check_value(key: str, value: object, where: str) -> None:
-    kind, lowest, highest = SETTING_TYPES[key]
-    fits = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        fits = True
-    if not fits:
-        raise AnpError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
-    if (lowest is not None and value < lowest) or (highest is not None and value > highest):
-        bounds = f"{lowest if lowest is not None else '-inf'}..{highest if highest is not None else 'inf'}"
-        raise AnpError(f"{where}: '{key}' must lie in {bounds}, got {value!r}")
 
 
 def _resolve(base: Path, path: object) -> Path:

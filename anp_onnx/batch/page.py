@@ -7,7 +7,7 @@ from html import escape
 from pathlib import Path
 
 from anp_onnx.batch.manifest import FIGURE_KINDS
-from anp_onnx.batch.runner import BatchResult
+from anp_onnx.batch.runner import RAN, BatchResult
 from anp_onnx.batch.summary import TABLE_HEADER, table_rows
 from anp_onnx.onnx.rewrite import write_text_atomically
 
@@ -15,7 +15,7 @@ STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin-bottom: 2em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
-td.purified, td.skipped { color: #2a7a2a; } td.failed, td.refused, td.fail { color: #b22; }
+td.purified, td.skipped { color: #2a7a2a; } td.failed, td.refused, td.residual, td.fail { color: #b22; }
 .figures img { max-width: 48%; margin-right: 1%; }
 """
 
@@ -51,6 +51,6 @@ def _model_section(report_dir: Path, outcome) -> str:
     kinds = [kind for method_kinds in FIGURE_KINDS.values() for kind in method_kinds]
     images = [f"{outcome.name}.{kind}.png" for kind in kinds]
     shown = [f'<img src="{escape(image)}" alt="{escape(image)}">' for image in images if (report_dir / image).is_file()]
-    if shown and outcome.status in ("purified", "skipped"):
+    if shown and outcome.status in RAN:
         parts.append(f'<div class="figures">{"".join(shown)}</div>')
     return "\n".join(parts)

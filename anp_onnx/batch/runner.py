@@ -1,9 +1,11 @@
 """Purify many models: each in isolation, resumable, judged against a CI policy.
 
-A model is `purified`, `skipped` (its output and report are complete and were made from the same
-input bytes and settings), `refused` (a graph anp-onnx cannot purify yet) or `failed` (anything
-else: unreadable file, bad data, a crash). The output is written before the report, both whole or
-not at all, so a report that matches its output proves the model done.
+A model is `purified` (its verdict `purified` or `clean`, or unchecked with --method anp), `residual`
+(written, but the synthetic trigger still works: a failure whatever the policy), `skipped` (its
+output and report are complete and were made from the same input bytes and settings), `refused` (a
+graph anp-onnx cannot purify yet) or `failed` (anything else: unreadable file, bad data, a crash).
+The output is written before the report, both whole or not at all, so a report that matches its
+output proves the model done.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from pathlib import Path
 from typing import Protocol
 
 from anp_onnx.batch.manifest import PATH_KEYS, BatchJob
-from anp_onnx.errors import AnpError
+from anp_onnx.errors import AnpError, one_line
 from anp_onnx.prune import within_budget
 
-STATUSES = ("purified", "skipped", "failed", "refused")
-FINGERPRINT_VERSION = 1
+STATUSES = ("purified", "residual", "skipped", "failed", "refused")
+RAN = ("purified", "residual", "skipped")  # statuses with a written model and its figures
+FINGERPRINT_VERSION = 2  # 2: the method's settings dataclass and the repair mode
 HASH_CHUNK = 1 << 20
 UP_TO_DATE = "up to date: output and report match these inputs and settings (--force redoes it)"
 
@@ -43,6 +46,7 @@ class ModelOutcome:
     pruned_neurons: int | None = None
     total_neurons: int | None = None
     seconds: float = 0.0
+    verdict: str | None = None  # the report's verdict (pipeline/verdict.py); None: not checked (--method anp)
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,10 @@ class Policy:
     max_asr: float | None = None
 
     def violations(self, outcome: ModelOutcome) -> list[str]:
-        if outcome.status not in ("purified", "skipped") or outcome.before is None or outcome.after is None:
-            return []
-        found = []
+        """What breaks the gate; a `residual` verdict always does."""
+        found = ["verdict residual: a backdoor is still live"] if outcome.verdict == "residual" else []
+        if outcome.status not in RAN or outcome.before is None or outcome.after is None:
+            return found
         before_acc, after_acc, after_asr = outcome.before["acc"], outcome.after["acc"], outcome.after["asr"]
         if self.max_acc_drop is not None and before_acc is not None and after_acc is not None:
             drop = before_acc - after_acc
@@ -75,7 +80,7 @@ class BatchResult:
 
     @property
     def exit_code(self) -> int:
-        """0: every model purified (or already was) within the policy; 1: otherwise."""
+        """0: every model purified (or already was) within the policy, none residual; 1: otherwise."""
         ok = all(o.status in ("purified", "skipped") and not self.policy.violations(o) for o in self.outcomes)
         return 0 if ok else 1
 
@@ -131,12 +136,15 @@ def run_job(job: BatchJob) -> ModelOutcome:
             return outcome_of(job, "refused", refusal, seconds=time.perf_counter() - start)
         report = _purify_and_report(job)
     except AnpError as error:
-        reason = " ".join(str(error).split())
+        reason = one_line(error)
         return outcome_of(job, "failed", reason, seconds=time.perf_counter() - start)
     except Exception as error:  # a bug, but one model's bug must not stop the others
         traceback.print_exc()
-        reason = f"internal error ({type(error).__name__}: {' '.join(str(error).split())})"
+        reason = f"internal error ({type(error).__name__}: {one_line(error)})"
         return outcome_of(job, "failed", reason, seconds=time.perf_counter() - start)
+    verdict = report.get("verdict") or {}
+    if verdict.get("name") == "residual":
+        return outcome_of(job, "residual", verdict["reason"], report, seconds=time.perf_counter() - start)
     reason = f"pruned by {report['criterion']}"
     return outcome_of(job, "purified", reason, report, seconds=time.perf_counter() - start)
 
@@ -149,6 +157,7 @@ def outcome_of(
     if report is not None:
         keys = ("before", "after", "pruned_neurons", "total_neurons")
         figures = {key: report[key] for key in keys}
+        figures["verdict"] = (report.get("verdict") or {}).get("name")
     paths = str(job.model), str(job.output), str(job.report)
     return ModelOutcome(job.name, *paths, status, reason, **figures, seconds=round(seconds, 3))
 
@@ -162,7 +171,7 @@ def refusal_reason(job: BatchJob) -> str | None:
     try:
         check_supported(model, job.model)
     except AnpError as error:
-        return " ".join(str(error).split())
+        return one_line(error)
     if not build_neuron_map(model).layers:
         return f"{job.model}: no prunable layers found (see `anp-onnx inspect`)"
     return None
@@ -179,11 +188,10 @@ def _purify_and_report(job: BatchJob) -> dict[str, object]:
         job.output,
         test_data=options.test_data,
         poison_data=options.poison_data,
+        method=options.method,
         settings=options.settings,
-        pruning=options.pruning,
         device=job.device,
         force=True,  # the batch owns its outputs: one without a matching report is incomplete
-        early_stop=options.early_stop,
         class_output=options.class_output,
     )
     report = purify_report(result)

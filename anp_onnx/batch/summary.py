@@ -9,6 +9,7 @@ from pathlib import Path
 
 from anp_onnx import __version__
 from anp_onnx.batch.runner import STATUSES, BatchResult, ModelOutcome
+from anp_onnx.errors import one_line
 from anp_onnx.onnx.rewrite import write_text_atomically
 from anp_onnx.report.json_report import percent
 
@@ -76,7 +77,10 @@ def outcome_line(position: int, total: int, outcome: ModelOutcome) -> str:
         return f"{head}: {outcome.reason}"
     acc_before, acc_after, asr_before, asr_after, pruned = _figures(outcome)
     line = f"{head}, ACC {acc_before} -> {acc_after}, ASR {asr_before} -> {asr_after}, {pruned} neurons"
-    return f"{line} ({outcome.seconds:.1f} s)" if outcome.status == "purified" else f"{line} (up to date)"
+    if outcome.status == "skipped":
+        return f"{line} (up to date)"
+    verdict = f", verdict {outcome.verdict}" if outcome.verdict else ""
+    return f"{line}{verdict} ({outcome.seconds:.1f} s)"
 
 
 def _figures(outcome: ModelOutcome) -> tuple[str, str, str, str, str]:
@@ -92,4 +96,4 @@ def _figures(outcome: ModelOutcome) -> tuple[str, str, str, str, str]:
 
 
 def _markdown_cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    return one_line(text).replace("|", "\\|")

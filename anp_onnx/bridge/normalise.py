@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from anp_onnx.onnx.graph import CHAIN_OPS, Graph, attribute
+from anp_onnx.onnx.graph import CHAIN_OPS, Graph, attribute, data_inputs
 
 FLOAT16 = onnx.TensorProto.FLOAT16
 FLOAT = onnx.TensorProto.FLOAT
@@ -71,10 +71,10 @@ def _drop_allowzero(result: onnx.ModelProto) -> None:
 def _make_batch_dynamic(original: onnx.ModelProto, result: onnx.ModelProto) -> None:
     """A fixed batch size B becomes a symbolic dim; a Reshape whose input and output both lead with B
     (shapes inferred on the original) gets the target [-1, rest...]."""
-    data_inputs = _data_inputs(result)
-    if len(data_inputs) != 1 or not data_inputs[0].type.tensor_type.shape.dim:
+    inputs = data_inputs(result)
+    if len(inputs) != 1 or not inputs[0].type.tensor_type.shape.dim:
         return
-    first = data_inputs[0].type.tensor_type.shape.dim[0]
+    first = inputs[0].type.tensor_type.shape.dim[0]
     if not first.HasField("dim_value"):
         return
     batch = first.dim_value
@@ -90,7 +90,7 @@ def _make_batch_dynamic(original: onnx.ModelProto, result: onnx.ModelProto) -> N
         name = f"{node.output[0]}_any_batch_shape"
         result.graph.initializer.append(numpy_helper.from_array(target, name))
         node.input[1] = name
-    for value in [*data_inputs, *result.graph.output]:
+    for value in [*inputs, *result.graph.output]:
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
             dims[0].dim_param = "batch"
@@ -139,11 +139,6 @@ def _drop_unused_initializers(result: onnx.ModelProto) -> None:
     inputs = [value for value in result.graph.input if value.name not in dropped]
     del result.graph.input[:]
     result.graph.input.extend(inputs)
-
-
-def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    return [value for value in model.graph.input if value.name not in initializers]
 
 
 def _remove_attribute(node: onnx.NodeProto, name: str) -> None:

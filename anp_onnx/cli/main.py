@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from anp_onnx.errors import AnpError
-
-DEVICES = click.Choice(["auto", "cpu", "cuda"])
+from anp_onnx.cli.options import OTHER, DeclaredOption, SectionedCommand, declared, given, spelled
+from anp_onnx.errors import AnpError, one_line
+from anp_onnx.options import (
+    INPUT_OUTPUT,
+    PRUNING_AMOUNT,
+    SETTINGS,
+    method_settings,
+    refuse_foreign,
+    refuse_two_amounts,
+)
 
 
 class AnpGroup(click.Group):
@@ -23,7 +31,7 @@ class AnpGroup(click.Group):
         except AnpError as error:
             if ctx.meta.get("debug"):
                 raise
-            click.echo(f"anp-onnx: error: {' '.join(str(error).split())}", err=True)
+            click.echo(f"anp-onnx: error: {one_line(error)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("anp-onnx: interrupted (files are written whole or not at all)", err=True)
@@ -38,7 +46,7 @@ class AnpGroup(click.Group):
             sys.exit(2)
         except click.UsageError as error:
             hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
-            click.echo(f"anp-onnx: error: {' '.join(error.format_message().split())}{hint}", err=True)
+            click.echo(f"anp-onnx: error: {one_line(error.format_message())}{hint}", err=True)
             sys.exit(2)
         except click.exceptions.Exit as done:
             sys.exit(done.exit_code)
@@ -94,165 +102,67 @@ class ProgressBar:
             self.bar.__exit__(*exc_info)
 
 
-def device_option(function):
-    return click.option(
-        "--device",
-        type=DEVICES,
-        default="auto",
-        show_default=True,
-        help="Where to optimise and evaluate: CUDA when available with auto.",
-    )(function)
+SETTING_NAMES = tuple(option.name for option in SETTINGS)
+SESSION = ("test_data", "poison_data", "class_output", "device")  # what every purify shares: data, output, device
 
 
-def method_option(function):
-    return click.option(
-        "--method",
-        type=click.Choice(["trigger", "anp"]),
-        default="trigger",
-        show_default=True,
-        help="What decides the pruning: trigger (ANP's perturbation names the target, a synthesised trigger "
-        "guides pruning within --max-acc-drop) or anp (the paper's masks, with --threshold/--prune-*).",
-    )(function)
+def _section_option(*flags: str, section: str = INPUT_OUTPUT, **kwargs: object) -> Callable:
+    return click.option(*flags, cls=DeclaredOption, section=section, **kwargs)
 
 
-def class_output_option(function):
-    return click.option(
-        "--class-output",
-        metavar="NAME",
-        help="The graph output holding the classes [the first output].",
-    )(function)
-
-
-@main.command()
+@main.command(cls=SectionedCommand)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--data", "data", type=click.Path(path_type=Path), required=True, help="Clean labelled samples (.npz x/y)."
-)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [MODEL.purified.onnx].")
-@click.option("--test-data", type=click.Path(path_type=Path), help="Clean test samples for ACC.")
-@click.option(
-    "--poison-data", type=click.Path(path_type=Path), help="Triggered samples labelled with the target, for ASR."
-)
-@click.option("--report", type=click.Path(path_type=Path), help="Write a JSON report here.")
-@click.option("--iterations", type=click.IntRange(min=0), default=2000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--eps", type=click.FloatRange(min=0), default=0.4, show_default=True, help="Perturbation budget.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.2, show_default=True, help="Weight of the clean loss.")
-@click.option("--mask-lr", type=click.FloatRange(min=0, min_open=True), default=0.2, show_default=True)
-@click.option(
-    "--neuron-mode",
-    type=click.Choice(["batchnorm", "bias"]),
-    default="batchnorm",
-    show_default=True,
-    help="Layers without BatchNorm: re-create it while optimising (batchnorm) or perturb around the bias.",
-)
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Random crop and flip, as the paper.")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Prune masks below this [0.2].")
-@click.option(
-    "--prune-fraction", type=click.FloatRange(0, 1), help="Prune this share of neurons, smallest masks first."
-)
-@click.option("--prune-count", type=click.IntRange(min=0), help="Prune this many neurons, smallest masks first.")
-@click.option(
-    "--max-acc-drop",
-    type=click.FloatRange(0, 1),
-    help="Clean-accuracy budget (0.02 = 2 points): with trigger, how much pruning may cost on --data [0.03]; "
-    "with anp, prune the most neurons whose accuracy on held-out clean data drops by at most this.",
-)
-@click.option(
-    "--holdout",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.2,
-    show_default=True,
-    help="Share of --data held out from the optimisation for --max-acc-drop.",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--mask-average/--no-mask-average",
-    default=False,
-    show_default=True,
-    help="Rank neurons by each mask's mean over the run (after 10% burn-in) rather than its last value.",
-)
-@click.option(
-    "--early-stop/--no-early-stop",
-    default=True,
-    show_default=True,
-    help="Stop once the neurons to prune have not changed for 300 iterations (checked every 100).",
-)
-@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
-@method_option
-@class_output_option
-@device_option
+@declared("data", command="purify", required=True)
+@_section_option("-o", "--output", type=click.Path(path_type=Path), help="Output model [MODEL.purified.onnx].")
+@_section_option("--report", type=click.Path(path_type=Path), help="Write a JSON report here.")
+@_section_option("--force", is_flag=True, help="Replace the output file if it exists.")
+@declared(*SESSION, command="purify")
+@declared(*(name for name in SETTING_NAMES if name != "class_output"), command="purify")
+@click.pass_context
 def purify(
+    ctx: click.Context,
     model: Path,
     data: Path,
     output: Path | None,
+    report: Path | None,
+    force: bool,
     test_data: Path | None,
     poison_data: Path | None,
-    report: Path | None,
-    iterations: int,
-    batch_size: int,
-    eps: float,
-    alpha: float,
-    mask_lr: float,
-    neuron_mode: str,
-    augment: bool,
-    threshold: float | None,
-    prune_fraction: float | None,
-    prune_count: int | None,
-    max_acc_drop: float | None,
-    holdout: float,
-    seed: int,
-    mask_average: bool,
-    early_stop: bool,
-    force: bool,
-    method: str,
     class_output: str | None,
     device: str,
+    **values: object,
 ) -> None:
     """Find the backdoor's neurons from clean data, prune them, and write the purified model."""
-    from anp_onnx.methods.anp import AnpSettings
-    from anp_onnx.pipeline.purify import PruningChoice, progress_label
+    from anp_onnx.pipeline.purify import progress_label
     from anp_onnx.pipeline.purify import purify as run_purify
+    from anp_onnx.pipeline.verdict import RESIDUAL_EXIT_CODE
+    from anp_onnx.report.console import repair_line
     from anp_onnx.report.json_report import before_after_table, percent, purify_report, write_json
 
     if report and not report.parent.is_dir():
         raise AnpError(f"--report {report}: folder {report.parent} does not exist")
-    if sum(choice is not None for choice in (threshold, prune_fraction, prune_count, max_acc_drop)) > 1:
-        raise AnpError("choose one of --threshold, --prune-fraction, --prune-count and --max-acc-drop")
-    settings = AnpSettings(
-        method=method,
-        iterations=iterations,
-        batch_size=batch_size,
-        eps=eps,
-        alpha=alpha,
-        mask_lr=mask_lr,
-        augment=augment,
-        average_masks=mask_average,
-        neuron_mode=neuron_mode,
-        seed=seed,
-    )
-    pruning = PruningChoice(
-        threshold=threshold, fraction=prune_fraction, count=prune_count, max_acc_drop=max_acc_drop, holdout=holdout
-    )
-    with ProgressBar(0, progress_label(settings)) as progress:
+    method = str(values["method"])
+    refuse_two_amounts(values, spelled(PRUNING_AMOUNT, "purify"))
+    chosen = given(ctx, SETTING_NAMES)
+    refuse_foreign(method, chosen, spelled(chosen, "purify"))
+    with ProgressBar(0, progress_label(method)) as progress:
         result = run_purify(
             model,
             data,
             output,
+            method=method,
+            settings=method_settings(method, values),
             test_data=test_data,
             poison_data=poison_data,
-            settings=settings,
-            pruning=pruning,
             device=device,
             force=force,
-            early_stop=early_stop,
             on_progress=progress.advance,
             class_output=class_output,
         )
     summary = purify_report(result)
     if report:
         write_json(report, summary)
-    if result.guided is not None:
+    if method == "trigger" and result.guided is not None:
         guided = result.guided
         click.echo(
             f"suspected target {guided['suspected_target']} (its trigger {guided['size_ratio']:.2f} x the median "
@@ -260,21 +170,29 @@ def purify(
             f"synthetic trigger ASR {percent(guided['synthetic_asr_before'])} -> "
             f"{percent(guided['synthetic_asr_after'])}; stopped: {guided['stopped_because']}"
         )
-    elif result.iterations_run < iterations:
+    elif method == "anp" and result.iterations_run < values["iterations"]:
+        iterations = values["iterations"]
         click.echo(f"stopped early after {result.iterations_run} of {iterations} iterations: the pruning had settled")
     click.echo(f"pruned {summary['pruned_neurons']} of {summary['total_neurons']} neurons ({result.plan.criterion})")
+    if result.repair is not None and (result.repair.checked or result.repair.ran):
+        click.echo(repair_line(result.repair))
     click.echo(before_after_table(result.before, result.after))
     click.echo(f"device {result.device}, onnxruntime {', '.join(result.providers)}")
     click.echo(f"wrote {result.output}")
+    if result.verdict is not None:
+        click.echo(result.verdict.line())
+        if result.verdict.name == "residual":
+            sys.exit(RESIDUAL_EXIT_CODE)
+    else:
+        click.echo(f"verdict: not checked (--method {method} synthesises no trigger to check removal against)")
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="Clean labelled test samples (.npz).")
-@click.option("--poison-data", type=click.Path(path_type=Path), help="Triggered samples labelled with the target.")
+@declared("data", command="evaluate", required=True, help="Clean labelled test samples (.npz).")
+@declared("poison_data", command="evaluate")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@class_output_option
-@device_option
+@declared("class_output", "device", command="evaluate")
 def evaluate(
     model: Path, data: Path, poison_data: Path | None, as_json: bool, class_output: str | None, device: str
 ) -> None:
@@ -311,16 +229,15 @@ def inspect(model: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="Clean labelled samples (.npz).")
-@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=0.4, show_default=True)
+@declared("data", command="scan", required=True)
+@declared("eps", command="scan")
 @click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True, help="Adversarial perturbations.")
 @click.option(
     "--trigger-steps", type=click.IntRange(min=1), default=100, show_default=True, help="Per label's trigger."
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@declared("seed", command="scan")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@class_output_option
-@device_option
+@declared("class_output", "device", command="scan")
 def scan(
     model: Path,
     data: Path,
@@ -370,54 +287,35 @@ BATCH_EPILOG = (
 )
 
 
-@main.command(epilog=BATCH_EPILOG)
+@main.command(cls=SectionedCommand, epilog=BATCH_EPILOG)
 @click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), help="Clean labelled samples (.npz) for every model.")
-@click.option("--out-dir", type=click.Path(path_type=Path), required=True, help="Purified models, reports, summary.")
-@click.option("--manifest", type=click.Path(path_type=Path), help="JSON/YAML list of models with their own settings.")
-@click.option("--report-dir", type=click.Path(path_type=Path), help="Reports, PNG plots and index.html here.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True)
-@click.option(
-    "--max-acc-drop",
-    type=click.FloatRange(0, 1),
-    help="Policy (exit 1): test ACC may drop by at most this (0.02 = 2 points). Needs test data.",
+@declared("data", command="batch", help="Clean labelled samples (.npz) for every model.")
+@_section_option("--out-dir", type=click.Path(path_type=Path), required=True, help="Purified models, reports, summary.")
+@_section_option(
+    "--manifest", type=click.Path(path_type=Path), help="JSON/YAML list of models with their own settings."
 )
-@click.option(
-    "--max-asr", type=click.FloatRange(0, 1), help="Policy (exit 1): ASR after purification at most this (0.1 = 10%)."
-)
-@click.option("--test-data", type=click.Path(path_type=Path), help="Clean test samples for ACC.")
-@click.option("--poison-data", type=click.Path(path_type=Path), help="Triggered samples labelled with the target.")
-@click.option("--iterations", type=click.IntRange(min=0), default=2000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--eps", type=click.FloatRange(min=0), default=0.4, show_default=True)
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.2, show_default=True)
-@click.option("--neuron-mode", type=click.Choice(["batchnorm", "bias"]), default="batchnorm", show_default=True)
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Prune masks below this [0.2].")
-@click.option("--prune-fraction", type=click.FloatRange(0, 1), help="Prune this share of neurons.")
-@click.option("--prune-count", type=click.IntRange(min=0), help="Prune this many neurons.")
-@click.option(
-    "--prune-max-acc-drop",
-    type=click.FloatRange(0, 1),
-    help="Pruning amount (purify's --max-acc-drop): the most neurons whose held-out clean ACC drops by at most this.",
-)
-@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--early-stop/--no-early-stop", default=True, show_default=True)
-@click.option("--force", is_flag=True, help="Redo models that are already done.")
-@method_option
-@class_output_option
-@device_option
+@_section_option("--report-dir", type=click.Path(path_type=Path), help="Reports, PNG plots and index.html here.")
+@_section_option("--force", is_flag=True, help="Redo models that are already done.")
+@_section_option("--executor", section=OTHER, type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@declared(*SESSION, command="batch")
+@declared(*(name for name in SETTING_NAMES if name != "class_output"), command="batch")
+@declared("policy_max_acc_drop", "policy_max_asr", command="batch")
+@click.pass_context
 def batch(
+    ctx: click.Context,
     inputs: tuple[Path, ...],
+    data: Path | None,
     out_dir: Path,
     manifest: Path | None,
     report_dir: Path | None,
-    executor: str,
-    max_acc_drop: float | None,
-    max_asr: float | None,
     force: bool,
+    executor: str,
+    test_data: Path | None,
+    poison_data: Path | None,
     device: str,
-    **settings: object,
+    policy_max_acc_drop: float | None,
+    policy_max_asr: float | None,
+    **values: object,
 ) -> None:
     """Purify every model in INPUT (.onnx files or folders of them) and/or a manifest, each on its own."""
     from anp_onnx.batch.executors import make_executor
@@ -426,10 +324,12 @@ def batch(
     from anp_onnx.batch.runner import Policy, run_batch
     from anp_onnx.batch.summary import outcome_line, write_summary
 
-    jobs = plan_jobs(inputs, manifest, settings, out_dir, report_dir, device)
+    chosen = given(ctx, SETTING_NAMES)
+    settings = {**chosen, "data": data, "test_data": test_data, "poison_data": poison_data}
+    jobs = plan_jobs(inputs, manifest, settings, out_dir, report_dir, device, command_line=spelled(chosen, "batch"))
     runner = make_executor(executor)
     echo = lambda position, total, outcome: click.echo(outcome_line(position, total, outcome))  # noqa: E731
-    result = run_batch(jobs, runner, Policy(max_acc_drop, max_asr), force, on_outcome=echo)
+    result = run_batch(jobs, runner, Policy(policy_max_acc_drop, policy_max_asr), force, on_outcome=echo)
     summary_json, summary_markdown = write_summary(out_dir, result)
     if report_dir is not None:
         click.echo(f"report page {write_index(report_dir, result)}")

@@ -9,61 +9,73 @@ statistics meanwhile (train mode); layers without BatchNorm get the same through
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anp_onnx.bridge.gates import ChannelStatistics
-from anp_onnx.bridge.importer import GatedClassifier
-from anp_onnx.prune import MaskValues
+from anp_onnx import data
+from anp_onnx.bridge.importer import GatedClassifier, hard_masks
+from anp_onnx.data import Samples
+from anp_onnx.methods.perturbation import (
+    adversarial_noise,
+    calibrate,
+    noise_parameters,
+    optimisation_mode,
+    set_perturbed,
+    step_masks,
+    tensors,
+)
+from anp_onnx.methods.registry import Decision, MethodContext, Progress
+from anp_onnx.methods.settings import NEURON_MODES, AnpMethodSettings, AnpSettings, PruningChoice
+from anp_onnx.prune import MaskValues, PruningPlan
 
-NEURON_MODES = ("batchnorm", "bias")
-METHODS = ("trigger", "anp")  # see purify.py: trigger-guided pruning (default) or the paper's mask pruning
-
-
-@dataclass(frozen=True)
-class AnpSettings:
-    """Defaults from the paper and its reference code. `method` picks what decides the pruning:
-    "anp", the paper's optimised masks, or "trigger" (the default), `guided.py`."""
-
-    method: str = "trigger"
-    iterations: int = 2000
-    batch_size: int = 128
-    eps: float = 0.4
-    alpha: float = 0.2
-    mask_lr: float = 0.2
-    momentum: float = 0.9
-    augment: bool = True
-    average_masks: bool = False  # rank by the masks' mean over the run after a burn-in (docs/METHOD.md)
-    burn_in: float = 0.1  # share of `iterations` before the average starts
-    neuron_mode: str = "batchnorm"  # layers without BatchNorm: "batchnorm" re-creates it, "bias" is plain
-    seed: int = 0
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+__all__ = ["NEURON_MODES", "AnpSettings", "decide", "mask_values", "optimise_masks"]
 
 
-def calibrate(classifier: GatedClassifier, x: torch.Tensor, settings: AnpSettings, batch_size: int = 256) -> None:
-    """Measure each channel's clean mean and std (eval mode) and set the pruned values.
+def decide(context: MethodContext, settings: AnpMethodSettings, progress: Progress | None = None) -> Decision:
+    """`--method anp`: optimise the masks on the clean data (less what `max_acc_drop` holds out), then
+    prune by the pruning choice; `progress` after each iteration."""
+    torch.manual_seed(settings.seed)
+    optimisation, pruning = settings.optimisation, settings.pruning
+    optimise_on, held_out = split_holdout(context.clean, pruning, optimisation.seed)
+    x, y = tensors(optimise_on.x, optimise_on.y, context.torch_device)
+    classifier = context.classifier
+    calibrate(classifier, x, neuron_mode=optimisation.neuron_mode)
+    stop = StopWhenStable(pruning.settled) if settings.early_stop else None
+    step = None
+    if progress is not None:
 
-    In "batchnorm" mode a layer without BatchNorm is normalised with batch statistics while masks
-    are optimised, towards its clean mean/std, and a pruned channel outputs its clean mean (what a
-    pruned BatchNorm channel outputs, its beta). Layers with no per-channel bias keep their bias.
-    """
-    statistics = [ChannelStatistics(gate.channel_axis) for gate in classifier.gates]
-    classifier.eval()
-    classifier.observe_gate_inputs(x, lambda index, activation: statistics[index].add(activation), batch_size)
-    for layer, gate, stats in zip(classifier.neuron_map.layers, classifier.gates, statistics, strict=True):
-        mean, std = stats.mean_std()
-        gate.reference_mean.copy_(torch.from_numpy(mean).float())
-        gate.reference_std.copy_(torch.from_numpy(std).float())
-        gate.renormalise = gate.renormalise and settings.neuron_mode == "batchnorm"
-        if gate.renormalise and layer.bias_per_channel:
-            gate.pruned_value.copy_(gate.reference_mean)
+        def step(iteration: int) -> None:
+            progress(iteration + 1, optimisation.iterations)
+
+    values = optimise_masks(classifier, x, y, optimisation, step, stop)
+    accuracy_of = held_out_accuracy(classifier, held_out, context.torch_device) if held_out else None
+    iterations_run = stop.stopped_at if stop and stop.stopped_at else optimisation.iterations
+    return Decision(pruning.plan(values, accuracy_of), values, iterations_run=iterations_run)
+
+
+def split_holdout(clean: Samples, pruning: PruningChoice, seed: int) -> tuple[Samples, Samples | None]:
+    """Samples to optimise on and, when the pruning amount is chosen by accuracy, samples held out for that."""
+    if pruning.max_acc_drop is None:
+        return clean, None
+    return data.split_holdout(clean, pruning.holdout, seed, "--holdout")
+
+
+def held_out_accuracy(
+    classifier: GatedClassifier, held_out: Samples, device: torch.device
+) -> Callable[[PruningPlan], float]:
+    """Accuracy of the classifier with a plan's hard masks on the held-out samples."""
+    x, y = tensors(held_out.x, held_out.y, device)
+
+    def accuracy_of(plan: PruningPlan) -> float:
+        hard_masks(classifier, plan)
+        classifier.eval()
+        with torch.no_grad():
+            return float((classifier(x).argmax(1) == y).float().mean())
+
+    return accuracy_of
 
 
 def optimise_masks(
@@ -106,15 +118,6 @@ def optimise_masks(
             if stop is not None and stop(iteration, lambda: mask_values(classifier, average)):
                 break
     return mask_values(classifier, average)
-
-
-def step_masks(optimizer: torch.optim.Optimizer, loss: torch.Tensor, masks: list[torch.Tensor]) -> None:
-    """One optimiser step on the masks only (the caller zeroed their gradients), clamped to [0, 1]."""
-    loss.backward(inputs=masks)
-    optimizer.step()
-    with torch.no_grad():
-        for mask in masks:
-            mask.clamp_(0.0, 1.0)
 
 
 @dataclass
@@ -171,54 +174,6 @@ def mask_values(classifier: GatedClassifier, average: MaskAverage | None = None)
     )
 
 
-def noise_parameters(classifier: GatedClassifier) -> list[torch.nn.Parameter]:
-    return [noise for gate in classifier.gates for noise in (gate.noise_weight, gate.noise_bias)]
-
-
-def adversarial_noise(
-    classifier: GatedClassifier,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    noises: list[torch.nn.Parameter],
-    eps: float,
-    generator: torch.Generator,
-) -> None:
-    """Random start in [-eps, eps], then one step of size eps along the sign of the loss gradient.
-    Not clipped afterwards, as in the reference code (the noise can reach 2*eps)."""
-    with torch.no_grad():
-        for noise in noises:
-            noise.copy_(torch.rand(noise.shape, generator=generator, device=noise.device) * 2 * eps - eps)
-    set_perturbed(classifier.gates, True)
-    loss = classifier.loss(classifier(images), labels)
-    gradients = torch.autograd.grad(loss, noises)
-    with torch.no_grad():
-        for noise, gradient in zip(noises, gradients, strict=True):
-            noise.add_(eps * torch.sign(gradient))
-
-
-def set_perturbed(gates, perturbed: bool) -> None:
-    for gate in gates:
-        gate.perturbed = perturbed
-
-
-@contextmanager
-def optimisation_mode(classifier: GatedClassifier) -> Iterator[None]:
-    """BatchNorm (kept or re-created by the gates) on batch statistics, the rest in eval mode."""
-    classifier.eval()
-    for module in classifier.batch_norm_modules():
-        module.train()
-        module.momentum = 0.0  # batch statistics, running statistics left as they are
-    for gate in classifier.gates:
-        gate.optimising = True
-    try:
-        yield
-    finally:
-        classifier.eval()
-        for gate in classifier.gates:
-            gate.optimising = False
-            gate.perturbed = False
-
-
 def _batch(
     x: torch.Tensor, y: torch.Tensor, settings: AnpSettings, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +199,3 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     cropped = padded[batch, channels, rows, cols]
     flip = torch.rand(count, generator=generator, device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
-
-
-def tensors(values: np.ndarray, labels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(values).to(device), torch.from_numpy(labels).to(device)

@@ -22,19 +22,20 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from anp_onnx import prune
-from anp_onnx.data import Samples
+from anp_onnx.data import Samples, split_holdout
 from anp_onnx.errors import AnpError
 from anp_onnx.onnx.graph import Graph
 from anp_onnx.onnx.neurons import Layer, NeuronMap, current_bias
 from anp_onnx.onnx.rewrite import apply_plan
 from anp_onnx.prune import MaskValues, PrunedNeuron, PruningPlan
+from anp_onnx.validate.evaluate import Evaluator
 
 CLP_DEFAULT_U = 3.0
 FINE_PRUNING_SCOPES = ("head", "all")
-ACTIVATION_BATCH = 256
+# onnxruntime on the CPU, as the bench measured them: a ranking does not move with the machine it runs on
+BASELINE_DEVICE = "cpu"
 
 
 # ----------------------------------------------------------------------------- shared
@@ -43,20 +44,6 @@ ACTIVATION_BATCH = 256
 def silenced_values(graph: Graph, layer: Layer) -> np.ndarray:
     """What each channel outputs once pruned by a baseline: 0, or its bias where that is not per channel."""
     return np.zeros(layer.channels) if layer.bias_per_channel else current_bias(graph, layer)
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _run_batched(session: ort.InferenceSession, names: list[str], x: np.ndarray) -> list[np.ndarray]:
-    feed = session.get_inputs()[0]
-    fixed = feed.shape[0] if feed.shape else None
-    batch = fixed if isinstance(fixed, int) and fixed > 0 else ACTIVATION_BATCH
-    chunks = [session.run(names, {feed.name: x[start : start + batch]}) for start in range(0, len(x), batch)]
-    return [np.concatenate([chunk[position] for chunk in chunks]) for position in range(len(names))]
 
 
 # ----------------------------------------------------------------------------- Fine-Pruning
@@ -94,7 +81,7 @@ def mean_activations(model: onnx.ModelProto, layers: list[Layer], x: np.ndarray)
     tensors = [graph.nodes[layer.output_node_index].output[0] for layer in layers]
     existing = {output.name for output in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in existing)
-    values = _run_batched(_session(probe), tensors, x)
+    values = Evaluator(probe, BASELINE_DEVICE).run(x, tensors)
     means = {}
     for layer, activation in zip(layers, values, strict=True):
         channels_last = np.moveaxis(np.maximum(activation, 0.0), layer.channel_axis, -1)
@@ -124,25 +111,14 @@ def fine_pruning_scores(
 def held_out_accuracy(
     model: onnx.ModelProto, neuron_map: NeuronMap, held_out: Samples
 ) -> Callable[[PruningPlan], float]:
-    """Accuracy of the rewritten model on `held_out`, through the rewriter and onnxruntime."""
+    """Accuracy of the rewritten model on `held_out` (its first output's classes), through the rewriter
+    and onnxruntime."""
 
     def accuracy_of(plan: PruningPlan) -> float:
-        (outputs,) = _run_batched(
-            _session(apply_plan(model, neuron_map, plan)), [model.graph.output[0].name], held_out.x
-        )
-        return float(np.mean(outputs.reshape(len(outputs), -1).argmax(axis=1) == held_out.y))
+        predictions = Evaluator(apply_plan(model, neuron_map, plan), BASELINE_DEVICE).predict(held_out.x)
+        return float(np.mean(predictions == held_out.y))
 
     return accuracy_of
-
-
-def split_clean(clean: Samples, holdout: float, seed: int) -> tuple[Samples, Samples]:
-    """(samples to measure activations on, samples held out to judge accuracy), a seeded split."""
-    count = round(len(clean) * holdout)
-    if count < 1 or count >= len(clean):
-        raise AnpError(f"holdout {holdout:g} leaves no samples on one side of {len(clean)}")
-    order = np.random.default_rng(seed).permutation(len(clean))
-    held, kept = order[:count], order[count:]
-    return Samples(clean.x[kept], clean.y[kept]), Samples(clean.x[held], clean.y[held])
 
 
 def fine_pruning(
@@ -157,7 +133,7 @@ def fine_pruning(
 ) -> PruningPlan:
     """Prune the least active neurons on clean data: the most of them (up to half the ranked ones)
     whose held-out clean accuracy drops by at most `max_acc_drop`."""
-    ranking_samples, held_out = split_clean(clean, holdout, seed)
+    ranking_samples, held_out = split_holdout(clean, holdout, seed)
     scores = fine_pruning_scores(model, neuron_map, ranking_samples.x, scope)
     chosen = prune.by_accuracy_budget(scores, max_acc_drop, held_out_accuracy(model, neuron_map, held_out))
     return PruningPlan(f"fine-pruning:{scope},max-acc-drop={max_acc_drop:g}", chosen.neurons)

@@ -131,6 +131,13 @@ class Graph:
         return node.name or f"{node.op_type}_{index}"
 
 
+def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs that take data: those that are not initializers (IR < 4 lists every
+    initializer among the graph inputs too, as an overridable default)."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializers]
+
+
 def attribute(node: onnx.NodeProto, name: str, default: object) -> object:
     """A node attribute's value, or `default` when the node does not set it."""
     for entry in node.attribute:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from anp_onnx.onnx.graph import Graph, attribute
+from anp_onnx.onnx.graph import Graph, attribute, data_inputs
 from anp_onnx.onnx.model import element_type_name, load_model, unsupported_inputs, unsupported_nodes
 from anp_onnx.onnx.neurons import build_neuron_map
 
@@ -31,8 +31,7 @@ def preprocessing(model: onnx.ModelProto) -> list[str]:
     """The steps between the data input and the first other node, when each is a layout Transpose,
     a Cast, or arithmetic with a constant (mean subtraction, scaling): what the data must not repeat."""
     graph = Graph(model)
-    initializers = set(graph.initializers)
-    inputs = [value.name for value in model.graph.input if value.name not in initializers]
+    inputs = [value.name for value in data_inputs(model)]
     if len(inputs) != 1:
         return []
     steps, tensor = [], inputs[0]
@@ -78,15 +77,12 @@ def _show_values(value: np.ndarray) -> str:
 def describe(model_path: str | Path) -> dict[str, object]:
     model = load_model(model_path)
     neuron_map = build_neuron_map(model)
-    initializers = {tensor.name for tensor in model.graph.initializer}
     return {
         "model": str(model_path),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "opset": {entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
         "inputs": [
-            {"name": value.name, "shape": _shape(value), "type": _element_type(value)}
-            for value in model.graph.input
-            if value.name not in initializers
+            {"name": value.name, "shape": _shape(value), "type": _element_type(value)} for value in data_inputs(model)
         ],
         "outputs": [
             {"name": value.name, "shape": _shape(value), "type": _element_type(value)} for value in model.graph.output

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from anp_onnx.errors import AnpError
-from anp_onnx.onnx.graph import Graph
+from anp_onnx.errors import AnpError, one_line
+from anp_onnx.onnx.graph import Graph, data_inputs
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -53,11 +54,6 @@ def element_type_name(element_type: int) -> str:
         return onnx.TensorProto.DataType.Name(element_type).lower()
     except ValueError:
         return f"unknown type {element_type}"
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message with its newlines folded, for a one-line CLI error."""
-    return " ".join(str(error).split())
 
 
 def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
@@ -127,9 +123,8 @@ def _typed_entries(data_type: int, count: int) -> int:
 
 
 def graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    """The model's single data input (graph inputs that are not initializers)."""
-    initializer_names = {tensor.name for tensor in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in initializer_names]
+    """The model's single data input."""
+    inputs = data_inputs(model)
     if len(inputs) != 1:
         names = ", ".join(value.name for value in inputs) or "none"
         raise AnpError(f"the model must have exactly one data input, it has {len(inputs)} ({names})")
@@ -199,8 +194,7 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 def unsupported_inputs(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """(input label, reason) for data inputs that are not one float image batch (token ids, masks, ...)."""
-    initializer_names = {tensor.name for tensor in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in initializer_names]
+    inputs = data_inputs(model)
     found = []
     for value in inputs:
         problem = input_problem(value)
@@ -221,9 +215,10 @@ def check_supported(model: onnx.ModelProto, path: str | Path) -> None:
     raise AnpError(f"{path}: cannot purify {len(found)} node(s) yet: {named}{more} (see `anp-onnx inspect`)")
 
 
-def class_output_index(model: onnx.ModelProto, name: str | None) -> int:
-    """Position of the class output among the graph outputs: `name`, or the first when None."""
-    names = [value.name for value in model.graph.output]
+def class_output_index(outputs: onnx.ModelProto | Sequence[str], name: str | None) -> int:
+    """Position of the class output among the graph outputs: `name`, or the first when None. `outputs`
+    is the model, or its output names (as an onnxruntime session lists them, in the graph's order)."""
+    names = [value.name for value in outputs.graph.output] if isinstance(outputs, onnx.ModelProto) else list(outputs)
     if name is None:
         return 0
     if name not in names:

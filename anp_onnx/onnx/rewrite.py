@@ -52,7 +52,7 @@ def _prune_layer(model: onnx.ModelProto, layer: Layer, channels: list[int], valu
         for channel in channels:
             weight[channel_entries(layer, weight.shape, channel)] = 0
 
-    _edit_initializer(model, layer.node_index, WEIGHT_INPUT, zero_weights)
+    edit_initializer(model, layer.node_index, WEIGHT_INPUT, zero_weights)
     if needs_bias:
         if not layer.bias_per_channel:
             raise AssertionError(f"{layer.name}: pruned value differs from its bias, which is not per channel")
@@ -60,7 +60,7 @@ def _prune_layer(model: onnx.ModelProto, layer: Layer, channels: list[int], valu
         def set_bias(bias: np.ndarray) -> None:
             bias.reshape(-1)[channels] = values / layer.bias_scale
 
-        _edit_initializer(model, layer.output_node_index, bias_input(graph, layer), set_bias)
+        edit_initializer(model, layer.output_node_index, bias_input(graph, layer), set_bias)
 
 
 def bias_input(graph: Graph, layer: Layer) -> int:
@@ -70,7 +70,7 @@ def bias_input(graph: Graph, layer: Layer) -> int:
     return next(position for position, name in enumerate(node.input) if graph.resolve_initializer(name) == layer.bias)
 
 
-def _edit_initializer(
+def edit_initializer(
     model: onnx.ModelProto, node_index: int, position: int, edit: Callable[[np.ndarray], None]
 ) -> None:
     """Apply `edit` to the constant one node input reads, in the stored tensor behind it (through
@@ -85,7 +85,7 @@ def _edit_initializer(
     edit(values)
     if stored.dtype != values.dtype:
         values = values.astype(stored.dtype).astype(values.dtype)  # what the stored precision keeps
-    if _is_shared(graph, name):
+    if is_shared(graph, name):
         copy_name = _fresh_name(graph, f"{source}_pruned_{node_index}")
         model.graph.initializer.append(numpy_helper.from_array(values, copy_name))
         node.input[position] = copy_name
@@ -98,7 +98,7 @@ def _edit_initializer(
     graph.stored(source).CopyFrom(numpy_helper.from_array(updated, graph.stored(source).name))
 
 
-def _is_shared(graph: Graph, tensor: str) -> bool:
+def is_shared(graph: Graph, tensor: str) -> bool:
     """True if any tensor on the chain from this node input to its stored tensor has other readers."""
     chain = graph.chain(tensor)
     names = [tensor, *(graph.nodes[index].input[0] for index in chain.nodes)]

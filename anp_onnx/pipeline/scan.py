@@ -14,13 +14,13 @@ import torch
 from anp_onnx.bridge.importer import GatedClassifier, import_model
 from anp_onnx.data import load_samples
 from anp_onnx.errors import AnpError
-from anp_onnx.methods import anp
-from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.methods.perturbation import calibrate, tensors
+from anp_onnx.methods.trigger.evidence import SUSPICIOUS_SCORE
 from anp_onnx.methods.trigger.target import LABEL_TRIGGER_STEPS, PERTURBATION_ROUNDS, search_target, suspected_target
 from anp_onnx.onnx.model import input_shape
-from anp_onnx.pipeline.purify import load_prunable, resolve_device
+from anp_onnx.pipeline.device import resolve_device
+from anp_onnx.pipeline.purify import load_prunable
 
-SUSPICIOUS_SCORE = 0.45  # above all 11 clean models measured (0.27-0.41), docs/METHOD.md
 TRIGGER_STEPS = LABEL_TRIGGER_STEPS
 
 
@@ -105,6 +105,6 @@ def calibrated_classifier(
     model, neuron_map, output_index = load_prunable(Path(model_path), class_output)
     clean = load_samples(data_path, input_shape(model), "--data")
     classifier = import_model(model, neuron_map, renormalise=True, output_index=output_index).to(torch_device)
-    x, y = anp.tensors(clean.x, clean.y, torch_device)
-    anp.calibrate(classifier, x, AnpSettings(seed=seed))
+    x, y = tensors(clean.x, clean.y, torch_device)
+    calibrate(classifier, x)
     return classifier, x, y

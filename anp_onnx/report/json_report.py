@@ -47,9 +47,11 @@ def purify_report(result: PurifyResult) -> dict[str, object]:
             }
             for layer in result.neuron_map.layers
         ],
-        "settings": {**result.settings.as_dict(), **asdict(result.pruning)},
+        "settings": {"method": result.method, **result.settings.report_entry()},
         "iterations_run": result.iterations_run,
         "guided": result.guided,
+        "repair": result.repair.summary() if result.repair is not None else None,
+        "verdict": result.verdict.as_dict() if result.verdict is not None else None,
         "device": result.device,
         "providers": result.providers,
         "timings_s": result.timings,

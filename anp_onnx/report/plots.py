@@ -10,6 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from anp_onnx.data import is_channels_last
 from anp_onnx.onnx.rewrite import write_atomically
 from anp_onnx.prune import MaskValues
 from anp_onnx.validate.sweep import SweepPoint
@@ -79,7 +80,7 @@ def _as_image(values: np.ndarray) -> np.ndarray:
     """HxW (one channel) or HxWx3 for imshow, from CHW, HWC or a flat vector."""
     if values.ndim == 1:
         return values[None, :]
-    if values.ndim == 3 and values.shape[0] in (1, 3) and values.shape[2] not in (1, 3):
+    if values.ndim == 3 and not is_channels_last((1, *values.shape)):  # one sample of a batch
         values = values.transpose(1, 2, 0)
     if values.ndim == 3 and values.shape[2] == 1:
         values = values[:, :, 0]
@@ -107,6 +108,35 @@ def plot_pruning_rounds(
     axes.plot(steps, decided_asr, color="#dd8452", linestyle="--", marker="^", label="synthetic trigger ASR (decides)")
     axes.set_xticks(counts)
     _finish_percent_plot(figure, axes, "neurons pruned, in the order chosen", title, path, columns=2)
+
+
+def plot_repair(
+    checks: Sequence[dict[str, float]],
+    written: tuple[float | None, float | None],
+    path: Path,
+    title: str = "",
+    acc_label: str = "ACC",
+    note: str = "",
+) -> None:
+    """The repair stage step by step: held-out clean ACC and the refitted synthetic trigger's ASR at each
+    check (what decided), and the written model's measured ACC / ASR as horizontal lines. With no
+    checks (repair did not run), `note` says why."""
+    figure = Figure(figsize=FIGURE_SIZE, dpi=DPI)
+    axes = figure.add_subplot()
+    steps = [check["step"] for check in checks]
+    if checks:
+        held_out = [100 * check["clean_accuracy"] for check in checks]
+        refitted = [100 * check["residual_asr"] for check in checks]
+        axes.plot(steps, held_out, color="#4c72b0", linestyle="--", marker="o", label="held-out ACC (decides)")
+        axes.plot(steps, refitted, color="#dd8452", linestyle="--", marker="^", label="refitted trigger ASR (decides)")
+    acc, asr = written
+    if acc is not None:
+        axes.axhline(100 * acc, color="#4c72b0", label=f"written model: {acc_label}")
+    if asr is not None:
+        axes.axhline(100 * asr, color="#c44e52", label="written model: ASR")
+    if note:
+        axes.text(0.5, 0.5, note, transform=axes.transAxes, ha="center", va="center", fontsize=9, wrap=True)
+    _finish_percent_plot(figure, axes, "repair steps", title, path, columns=2)
 
 
 def _plot_acc_and_asr(axes, positions: Sequence[float], points: Sequence[SweepPoint], acc_label: str) -> None:

@@ -1,16 +1,23 @@
-"""onnxruntime sessions and the two numbers that matter: clean accuracy (ACC) and attack success rate (ASR)."""
+"""onnxruntime sessions and the two numbers that matter: clean accuracy (ACC) and attack success rate (ASR).
+
+`Evaluator` is the package's one onnxruntime runner: files and in-memory models alike (the baselines
+read intermediate tensors of a probed copy through it), batched, with a short last batch padded for
+graphs that only take one batch size.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from anp_onnx.data import SampleFile, Samples
-from anp_onnx.errors import AnpError
-from anp_onnx.onnx.model import one_line
+from anp_onnx.errors import AnpError, one_line
+from anp_onnx.onnx.model import class_output_index
 
 EVAL_BATCH = 256
 INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -46,42 +53,37 @@ def _cuda_device_present() -> bool:
         return False
 
 
-def _class_output(session: ort.InferenceSession, name: str | None) -> str:
-    """The output to read classes from: `name`, or the first output when None."""
-    names = [value.name for value in session.get_outputs()]
-    if name is None:
-        return names[0]
-    if name not in names:
-        raise AnpError(f"no output named {name!r}: the model's outputs are {', '.join(names)}")
-    return name
-
-
 def _session(
-    model_path: str | Path, options: ort.SessionOptions, providers: list[str], retry_on_cpu: bool
+    source: str | bytes, label: str, options: ort.SessionOptions, providers: list[str], retry_on_cpu: bool
 ) -> ort.InferenceSession:
-    """An onnxruntime session, or AnpError. onnxruntime's own fallback is off: it prints to stdout."""
+    """An onnxruntime session over a file path or serialised model, or AnpError naming `label`.
+    onnxruntime's own fallback is off: it prints to stdout."""
     try:
-        return ort.InferenceSession(str(model_path), options, providers=providers, enable_fallback=0)
+        return ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
     except Exception as error:  # onnxruntime raises unrelated types (Fail, InvalidGraph, ValueError, ...)
         if retry_on_cpu and providers != ["CPUExecutionProvider"]:
-            return _session(model_path, options, ["CPUExecutionProvider"], retry_on_cpu=False)
-        raise AnpError(f"{model_path}: onnxruntime cannot load the model ({one_line(error)})") from None
+            return _session(source, label, options, ["CPUExecutionProvider"], retry_on_cpu=False)
+        raise AnpError(f"{label}: onnxruntime cannot load the model ({one_line(error)})") from None
 
 
 class Evaluator:
-    """One onnxruntime session over a model file, batched predictions of its class output (`output`,
-    else the first)."""
+    """One onnxruntime session over a model (a file, or a ModelProto in memory), batched: predictions
+    of its class output (`output`, else the first), or any of its outputs by name (`run`)."""
 
-    def __init__(self, model_path: str | Path, device: str = "auto", output: str | None = None) -> None:
+    def __init__(self, model: str | Path | onnx.ModelProto, device: str = "auto", output: str | None = None) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = _session(model_path, options, providers_for(device), retry_on_cpu=device == "auto")
+        in_memory = isinstance(model, onnx.ModelProto)
+        label = "the model" if in_memory else str(model)
+        source = model.SerializeToString() if in_memory else str(model)
+        self.session = _session(source, label, options, providers_for(device), retry_on_cpu=device == "auto")
         try:
             self.input = self.session.get_inputs()[0]
             batch = self.input.shape[0] if self.input.shape else None
-            self.output_name = _class_output(self.session, output)
+            names = [value.name for value in self.session.get_outputs()]
+            self.output_name = names[class_output_index(names, output)]
         except UnicodeDecodeError:
-            raise AnpError(f"{model_path}: an input or output name or shape is not valid UTF-8") from None
+            raise AnpError(f"{label}: an input or output name or shape is not valid UTF-8") from None
         self.fixed_batch = isinstance(batch, int) and batch > 0  # the graph only takes batches of this size
         self.batch_size = batch if self.fixed_batch else EVAL_BATCH
         self.input_dtype = INPUT_DTYPES.get(self.input.type, np.float32)  # float32 data feeds a float16 model too
@@ -92,10 +94,15 @@ class Evaluator:
 
     def outputs(self, x: np.ndarray) -> np.ndarray:
         """The class output for every sample, run in batches."""
-        chunks = [self._run(x[start : start + self.batch_size]) for start in range(0, len(x), self.batch_size)]
-        return np.concatenate(chunks)
+        return self.run(x, [self.output_name])[0]
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """The outputs called `names` for every sample (each with the samples along its first axis),
+        run in batches."""
+        chunks = [self._run(x[start : start + self.batch_size], names) for start in range(0, len(x), self.batch_size)]
+        return [np.concatenate([chunk[position] for chunk in chunks]) for position in range(len(names))]
+
+    def _run(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
         """One batch through onnxruntime; a model that fails at run time is the user's file, not a bug.
         A short last batch for a fixed-batch graph is padded with copies of its last sample, then cut."""
         count = len(batch)
@@ -103,7 +110,7 @@ class Evaluator:
             batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - count, axis=0)])
         try:
             feed = {self.input.name: batch.astype(self.input_dtype, copy=False)}
-            return self.session.run([self.output_name], feed)[0][:count]
+            return [values[:count] for values in self.session.run(list(names), feed)]
         except Exception as error:  # onnxruntime raises its own unrelated types (Fail, InvalidArgument, ...)
             raise AnpError(f"onnxruntime cannot run the model ({one_line(error)})") from None
 

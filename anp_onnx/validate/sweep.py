@@ -4,11 +4,10 @@ the rewriter and measured with onnxruntime, so every point is what that file wou
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from anp_onnx import prune
@@ -87,13 +86,3 @@ def _measure_plans(
             acc, asr = measured[key]
             points.append(SweepPoint(threshold, len(plan.neurons), acc, asr))
     return points
-
-
-def masks_from_report(report: Mapping[str, object]) -> MaskValues:
-    """The mask values a purify report recorded (its `layers`, masks rounded to 6 decimals), to sweep or
-    plot them again later."""
-    layers = report["layers"]
-    return MaskValues(
-        masks={layer["name"]: np.asarray(layer["masks"], dtype=np.float32) for layer in layers},
-        pruned_values={layer["name"]: np.asarray(layer["pruned_values"], dtype=np.float64) for layer in layers},
-    )

@@ -17,7 +17,11 @@ import torch
 
 from anp_onnx.bridge.fast_eval import precision_name
 from anp_onnx.bridge.importer import GatedClassifier
-from anp_onnx.methods.anp import AnpSettings
+from anp_onnx.methods.anp import mask_values
+from anp_onnx.methods.perturbation import calibrate, tensors
+from anp_onnx.methods.registry import Decision, MethodContext, Progress
+from anp_onnx.methods.settings import TriggerMethodSettings
+from anp_onnx.methods.trigger.evidence import BackdoorEvidence, weigh
 from anp_onnx.methods.trigger.pruning import TriggerPruningResult, TriggerPruningSettings, prune_against_trigger
 from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, synthesise_trigger
 from anp_onnx.methods.trigger.target import LABEL_TRIGGER_STEPS, TargetSearch, search_target
@@ -55,6 +59,7 @@ class GuidedResult:
     triggers: list[Trigger]
     blend_reference: Trigger
     pruning: TriggerPruningResult
+    evidence: BackdoorEvidence
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     stages: GuidedSettings = field(default_factory=GuidedSettings)
     precision: str = "float32"  # what trigger synthesis and unlearning computed in (fast_eval.reduced_precision)
@@ -66,6 +71,11 @@ class GuidedResult:
     @property
     def plan(self) -> PruningPlan:
         return self.pruning.plan
+
+    @property
+    def synthesis_failed(self) -> bool:
+        """The triggers never reached the target: nothing was pruned, and no verdict may rest on it."""
+        return self.pruning.synthesis_failed
 
     def summary(self) -> dict[str, object]:
         evidence = self.search.evidence
@@ -80,6 +90,7 @@ class GuidedResult:
             "triggers": [trigger.summary() for trigger in self.triggers],
             "blend_reference": self.blend_reference.summary(),
             **self.pruning.summary(),
+            **self.evidence.summary(),
             "stage_seconds": self.seconds,
             "stage_steps": asdict(self.stages),
             "precision": self.precision,
@@ -97,13 +108,17 @@ def guided_prune(
     classifier: GatedClassifier,
     x: torch.Tensor,
     y: torch.Tensor,
-    settings: AnpSettings,
+    *,
+    eps: float,
+    seed: int = 0,
     max_acc_drop: float | None = None,
     on_step: Callable[[], None] | None = None,
     stages: GuidedSettings | None = None,
 ) -> GuidedResult:
-    """The stages on calibrated `classifier` (`anp.calibrate`) and clean `x, y`; its masks end hard.
-    `on_step()` after each of the `guided_steps` steps of trigger synthesis and unlearning."""
+    """The stages on calibrated `classifier` (`perturbation.calibrate`) and clean `x, y`; its masks end hard.
+    `eps`: the label search's neuron perturbation; `on_step()` after each of the `guided_steps` steps of
+    trigger synthesis and unlearning. Without backdoor evidence (`evidence.py`) nothing is unlearned or
+    pruned: the triggers are only measured."""
     stages = stages or GuidedSettings()
     step = (lambda *_: on_step()) if on_step else None
     label_progress = (lambda *_: [on_step() for _ in range(stages.label_trigger_steps)]) if on_step else None
@@ -113,30 +128,68 @@ def guided_prune(
             classifier,
             x,
             y,
-            eps=settings.eps,
+            eps=eps,
             trigger_steps=stages.label_trigger_steps,
             trigger_batch=stages.label_trigger_batch,
-            seed=settings.seed,
+            seed=seed,
             on_label=label_progress,
         )
     target = search.evidence.label
     with timed(seconds, "triggers"):
-        patch_settings = TriggerSettings("patch", steps=stages.patch_steps, seed=settings.seed)
+        patch_settings = TriggerSettings("patch", steps=stages.patch_steps, seed=seed)
         triggers = [synthesise_trigger(classifier, x, y, target, patch_settings, step)]
-        blend_settings = TriggerSettings("blend", steps=stages.blend_steps, seed=settings.seed)
+        blend_settings = TriggerSettings("blend", steps=stages.blend_steps, seed=seed)
         blend = synthesise_trigger(classifier, x, y, target, blend_settings, step)
         reference = synthesise_trigger(classifier, x, y, typical_label(search), blend_settings, step)
         if blend.size <= ANOMALOUS_BLEND * reference.size:
             triggers.append(blend)
-    with timed(seconds, "unlearning"):
-        unlearning = UnlearningSettings(steps=stages.unlearning_steps, seed=settings.seed)
-        ranking = unlearning_ranking(classifier, x, y, triggers, unlearning, step)
+    evidence = weigh(search.evidence.score, triggers[0].size, search.sizes)
     pruning_settings = (
         TriggerPruningSettings() if max_acc_drop is None else TriggerPruningSettings(max_acc_drop=max_acc_drop)
     )
+    ranking = None
+    if evidence.found:
+        with timed(seconds, "unlearning"):
+            unlearning = UnlearningSettings(steps=stages.unlearning_steps, seed=seed)
+            ranking = unlearning_ranking(classifier, x, y, triggers, unlearning, step)
+    elif on_step is not None:
+        for _ in range(stages.unlearning_steps):
+            on_step()
+    if not evidence.found:
+        pruning_settings = replace(pruning_settings, max_rounds=0)
     with timed(seconds, "pruning"):
         pruning = prune_against_trigger(classifier, x, y, triggers, pruning_settings, ranking=ranking)
-    return GuidedResult(search, triggers, reference, pruning, seconds, stages, precision_name(classifier, x.device))
+    if not evidence.found and not pruning.synthesis_failed:
+        pruning.stopped_because = evidence.reason()
+    precision = precision_name(classifier, x.device)
+    return GuidedResult(search, triggers, reference, pruning, evidence, seconds, stages, precision)
+
+
+def decide(context: MethodContext, settings: TriggerMethodSettings, progress: Progress | None = None) -> Decision:
+    """`--method trigger`: calibrate on the clean data, then `guided_prune`; `progress` after each step."""
+    torch.manual_seed(settings.seed)
+    x, y = tensors(context.clean.x, context.clean.y, context.torch_device)
+    calibrate(context.classifier, x, neuron_mode=settings.neuron_mode)
+    step = None
+    if progress is not None:
+        total, done = guided_steps(context.classes, settings.stages), 0
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            progress(done, total)
+
+    guided = guided_prune(
+        context.classifier,
+        x,
+        y,
+        eps=settings.eps,
+        seed=settings.seed,
+        max_acc_drop=settings.max_acc_drop,
+        on_step=step,
+        stages=settings.stages,
+    )
+    return Decision(guided.plan, mask_values(context.classifier), guided.summary(), list(guided.triggers))
 
 
 def typical_label(search: TargetSearch) -> int:

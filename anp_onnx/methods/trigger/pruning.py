@@ -9,6 +9,12 @@ accuracy drop`, where the synthetic ASR is the highest over the triggers. It sto
 synthetic ASR is at most `max_asr`, when the best candidate would cost more than `max_acc_drop` of
 clean accuracy (that candidate is not pruned), or after `max_rounds`. Only clean data decides: the
 synthetic ASR is measured on clean inputs stamped with the synthetic triggers.
+
+Triggers that do not reach their label to begin with (the best sends fewer than `min_trigger_success`
+of the clean inputs there; a working synthesis gets near 1 on backdoored and clean models alike) stand
+in for no attack: nothing is pruned, and the result says the synthesis failed
+(`synthesis_failed`) rather than that the synthetic ASR is low, so that no verdict calls the model
+clean or purified on their word (issue 24: probabilities fed to cross-entropy did this).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class TriggerPruningSettings:
     max_asr: float = 0.03  # the synthetic ASR underestimates the real one (docs/METHOD.md): a margin under 5%
     max_acc_drop: float = 0.03
     max_rounds: int = 40
+    min_trigger_success: float = 0.5  # below this before pruning, the synthesis failed
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class TriggerPruningResult:
     synthetic_asr_before: float
     rounds: list[PruningRound] = field(default_factory=list)
     stopped_because: str = ""
+    synthesis_failed: bool = False  # the triggers never reached their label: no evidence either way,
+    # and no verdict may call the model clean or purified
 
     @property
     def synthetic_asr_after(self) -> float:
@@ -64,6 +73,7 @@ class TriggerPruningResult:
             "synthetic_asr_after": self.synthetic_asr_after,
             "rounds": [asdict(step) for step in self.rounds],
             "stopped_because": self.stopped_because,
+            "synthesis_failed": self.synthesis_failed,
         }
 
 
@@ -113,7 +123,14 @@ def _greedy_rounds(
     screen_baseline = measure(screen)[0]
     result = TriggerPruningResult(PruningPlan("trigger", ()), baseline, synthetic)
     pruned: list[PrunedNeuron] = []
-    while True:
+    if synthetic < settings.min_trigger_success:
+        result.synthesis_failed = True
+        labels = ", ".join(str(trigger.target) for trigger in triggers)
+        result.stopped_because = (
+            f"trigger synthesis failed: the synthetic triggers send {synthetic:.3f} of clean inputs to label "
+            f"{labels} (< {settings.min_trigger_success:g}) before pruning; nothing to prune against"
+        )
+    while not result.synthesis_failed:
         if synthetic <= settings.max_asr:
             result.stopped_because = f"synthetic ASR {synthetic:.3f} <= {settings.max_asr:g}"
             break

@@ -2,6 +2,9 @@
 
     stamped = (1 - m) * x + m * pattern,   min  CE(f(stamped), target) + size_weight * mean(m)
 
+with f the model's logits (the input of a trailing Softmax, bridge/importer.py) and CE its training
+loss (`GatedClassifier.loss`).
+
 Two shapes of `m`: a "patch" mask covers the input's positions (one value per pixel, shared by the
 channels; one per feature for flat inputs), as Neural Cleanse; a "blend" mask is one opacity for the
 whole input, a full-image pattern blended in, as Blend-style attacks do (a patch models those
@@ -18,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from anp_onnx.bridge.fast_eval import bypassed_identity_gates, fast_eval, reduced_precision
 from anp_onnx.bridge.importer import GatedClassifier, frozen_parameters
+from anp_onnx.data import is_channels_last
 from anp_onnx.errors import AnpError
 
 KINDS = ("patch", "blend")
@@ -68,7 +71,7 @@ def channel_axis_of(inputs: torch.Tensor) -> int | None:
     """The channel axis of image batches (NCHW or NHWC by the smaller side); None for other inputs."""
     if inputs.ndim != 4:
         return None
-    return 3 if inputs.shape[3] in (1, 3, 4) and inputs.shape[1] not in (1, 3, 4) else 1
+    return 3 if is_channels_last(tuple(inputs.shape)) else 1
 
 
 def synthesise_trigger(
@@ -105,7 +108,8 @@ def synthesise_trigger(
             stamped = (1 - mask) * batch + mask * (low + (high - low) * torch.sigmoid(pattern_logit))
             with precision:
                 outputs = classifier(stamped)
-            loss = F.cross_entropy(outputs.float(), labels) + SIZE_WEIGHTS[settings.kind] * mask.mean()
+            # on the logits whatever the head (GatedClassifier.forward): probabilities would saturate
+            loss = classifier.loss(outputs.float(), labels) + SIZE_WEIGHTS[settings.kind] * mask.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from anp_onnx.bridge.importer import GatedClassifier
-from anp_onnx.methods import anp
+from anp_onnx.methods.perturbation import adversarial_noise, noise_parameters, optimisation_mode
 from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, label_triggers
 
 PERTURBATION_ROUNDS = 4  # adversarial neuron perturbations whose errors are counted
@@ -27,14 +27,14 @@ def perturbation_errors(
 ) -> tuple[np.ndarray, int]:
     """Where adversarial neuron perturbations send the clean samples they misclassify: the count per
     predicted label over `rounds` perturbations (a fresh random start each), and the number of errors.
-    The classifier must be calibrated (`anp.calibrate`)."""
+    The classifier must be calibrated (`perturbation.calibrate`)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    noises = anp.noise_parameters(classifier)
+    noises = noise_parameters(classifier)
     histogram = np.zeros(1, dtype=np.int64)
     errors = 0
-    with anp.optimisation_mode(classifier):
+    with optimisation_mode(classifier):
         for _ in range(rounds):
-            anp.adversarial_noise(classifier, x, y, noises, eps, generator)
+            adversarial_noise(classifier, x, y, noises, eps, generator)
             with torch.no_grad():
                 predicted = classifier(x).argmax(1)
             wrong = predicted != y
@@ -112,7 +112,7 @@ def search_target(
     seed: int = 0,
     on_label: Callable[[int, int], None] | None = None,
 ) -> TargetSearch:
-    """The suspected target of calibrated `classifier` (`anp.calibrate`) from clean `x, y`: adversarial
+    """The suspected target of calibrated `classifier` (`perturbation.calibrate`) from clean `x, y`: adversarial
     neuron perturbations, a patch trigger for every label (`on_label(label, labels)` after each), weighed."""
     histogram, errors = perturbation_errors(classifier, x, y, eps, rounds, seed)
     # float32: the sizes name the target by a 5% margin, and bfloat16 moves a label's size by as much as

@@ -21,7 +21,7 @@ import torch
 
 from anp_onnx.bridge.fast_eval import fast_eval, reduced_precision
 from anp_onnx.bridge.importer import GatedClassifier, frozen_parameters
-from anp_onnx.methods.anp import step_masks
+from anp_onnx.methods.perturbation import step_masks
 from anp_onnx.methods.trigger.synthesis import Trigger
 
 

@@ -1,0 +1,1 @@
+"""The repair stage: kept weights changed from clean data when pruning alone leaves the backdoor."""
