@@ -369,8 +369,9 @@ def test_the_summary_counts_cells_meeting_the_targets_and_the_verdicts_per_metho
 
 
 def test_a_failing_cell_says_why_from_purifys_own_record() -> None:
-    missed = {"guided": {"backdoor_evidence": False, "evidence": "score 0.388 < 0.45"}, "verdict": {"reason": "x"}}
-    assert failure_reason(missed) == "no backdoor evidence: score 0.388 < 0.45"
+    evidence = "no backdoor evidence: score 0.388 (evidence from 0.45)"
+    missed = {"guided": {"backdoor_evidence": False, "evidence": evidence}, "verdict": {"reason": "x"}}
+    assert failure_reason(missed) == evidence
     stopped = {
         "guided": {"backdoor_evidence": True},
         "verdict": {"reason": "synthetic trigger for label 0 still succeeds on 9.0% of clean inputs"},

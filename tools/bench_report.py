@@ -72,7 +72,7 @@ def failure_reason(result: dict) -> str:
     (the detector's miss), or the verdict's reason with where repair stopped and what the budget left."""
     guided = result.get("guided") or {}
     if guided.get("backdoor_evidence") is False:
-        return f"no backdoor evidence: {guided.get('evidence', 'below both thresholds')}"
+        return str(guided.get("evidence") or "no backdoor evidence")
     verdict = result.get("verdict") or {}
     parts = [verdict["reason"]] if verdict.get("reason") else []
     repair = result.get("repair") or {}
