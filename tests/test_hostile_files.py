@@ -107,6 +107,15 @@ def test_a_negative_dimension_is_refused(tmp_path, mlp):
     assert_refused(run("inspect", with_first_initializer(mlp, tmp_path / "neg.onnx", negative)), "negative dimension")
 
 
+def test_an_initializer_of_a_data_type_onnx_does_not_know_is_refused(tmp_path, mlp, vectors):
+    def unknown(tensor):
+        tensor.data_type = 29  # past the last type this onnx version maps (a flipped byte, as the fuzz test found)
+
+    path = with_first_initializer(mlp, tmp_path / "dtype.onnx", unknown)
+    for arguments in (["inspect", path], ["evaluate", path, "--data", vectors]):
+        assert_refused(run(*arguments), "data type 29, which this onnx version does not know")
+
+
 def test_typed_data_with_too_few_entries_is_refused(tmp_path, mlp):
     def typed(tensor):
         values = onnx.numpy_helper.to_array(tensor).reshape(-1)[:-1]

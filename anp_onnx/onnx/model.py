@@ -86,6 +86,10 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
 
 def tensor_size_problem(tensor: onnx.TensorProto) -> str | None:
     """Why the tensor's stored data cannot have the shape it declares, or None when it fits."""
+    try:
+        helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, TypeError, ValueError):
+        return f"has data type {tensor.data_type}, which this onnx version does not know"
     dims = list(tensor.dims)
     if any(dim < 0 for dim in dims):
         return f"has a negative dimension {dims}"
