@@ -41,7 +41,8 @@ from tools.bench_report import (  # noqa: E402
     summary_lines,
 )
 from tools.datasets import FASHION_MNIST_ROOT  # noqa: E402
-from tools.train_backdoor import export_onnx, save_npz, to_input  # noqa: E402
+from tools.example_files import save_npz  # noqa: E402
+from tools.train_backdoor import export_onnx, to_input  # noqa: E402
 
 EPOCHS = 1  # the recipe the cached test models claim (the bench retrains anything else)
 MODELS = {model.name: model for model in ALL_MODELS}

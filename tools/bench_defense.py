@@ -199,19 +199,12 @@ def repair_record(result: PurifyResult) -> dict[str, object]:
 def run_pruning_only(cell: Cell, result: PurifyResult, work_dir: Path) -> dict:
     """The same purify run's pruning alone (`--repair never`): the plan the method decided before repair,
     rewritten on the original model and measured with the cell's evaluator; no second run."""
-    started = time.perf_counter()
     plan = result.method_plan if result.method_plan is not None else result.plan
-    output = work_dir / f"{cell.model.name}.pruning.onnx"
-    save_model(apply_plan(cell.onnx, cell.neuron_map, plan), output)
-    after = cell.measure(output)
-    return {
-        **metrics(after),
-        "pruned": len(plan.neurons),
-        "criterion": plan.criterion,
-        "rewrite_seconds": round(time.perf_counter() - started, 3),
-        # what a `--repair never` run would take: the purify without its repair stage
-        "seconds": round(sum(s for stage, s in result.timings.items() if stage != "repair"), 3),
-    }
+    entry = run_plan(cell, "pruning", lambda: plan, work_dir)
+    entry["rewrite_seconds"] = entry["seconds"]
+    # what a `--repair never` run would take: the purify without its repair stage
+    entry["seconds"] = round(sum(s for stage, s in result.timings.items() if stage != "repair"), 3)
+    return entry
 
 
 def run_clean_purify(cell: Cell, work_dir: Path, device: str) -> tuple[dict, PurifyResult]:

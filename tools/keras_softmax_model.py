@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 from tools.attacks import BadNets, Blend  # noqa: E402
 from tools.datasets import load_fashion_mnist  # noqa: E402
+from tools.example_files import write_example  # noqa: E402
 
 OPSET = 15
 PARITY_TOLERANCE = 1e-4  # Keras vs onnxruntime probabilities
@@ -80,10 +81,6 @@ def onnx_outputs(session, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     name = session.get_inputs()[0].name
     batches = range(0, len(x), batch_size)
     return np.concatenate([session.run(None, {name: to_input(x[i : i + batch_size])})[0] for i in batches])
-
-
-def save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    np.savez_compressed(path, x=np.ascontiguousarray(x, dtype=np.uint8), y=y.astype(np.int64))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,15 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     graph = onnx.load_from_string(model_bytes).graph
 
     out = args.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model.onnx").write_bytes(model_bytes)
-    save_npz(out / "clean.npz", x_train[clean_idx], y_train[clean_idx])
-    save_npz(out / "test.npz", x_test[test_idx], y_test[test_idx])
-    save_npz(
-        out / "poison.npz",
-        x_triggered[np.searchsorted(victims, poison_idx)],
-        np.full(len(poison_idx), args.target, dtype=np.int64),
-    )
+    poisoned = x_triggered[np.searchsorted(victims, poison_idx)]
+    clean, test = (x_train[clean_idx], y_train[clean_idx]), (x_test[test_idx], y_test[test_idx])
+    write_example(out, model_bytes, clean, test, poisoned, args.target)
     meta = {
         "arch": "keras_cnn_softmax",
         "attack": args.attack,

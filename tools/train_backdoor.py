@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from tools.architectures import ARCHITECTURES, build  # noqa: E402
 from tools.attacks import ATTACKS, Attack, make_attack  # noqa: E402
 from tools.datasets import load_cifar10, load_fashion_mnist  # noqa: E402
+from tools.example_files import write_example  # noqa: E402
 
 DEFAULT_EPOCHS = {"fashion-mnist": 3, "cifar10": 60}
 PARITY_TOLERANCE = 1e-3
@@ -170,10 +171,6 @@ def parse_trigger(values: tuple[str, ...]) -> dict[str, float | int]:
     return params
 
 
-def save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    np.savez_compressed(path, x=np.ascontiguousarray(x, dtype=np.uint8), y=y.astype(np.int64))
-
-
 @click.command()
 @click.option("--arch", type=click.Choice(sorted(ARCHITECTURES)), default="small_resnet", show_default=True)
 @click.option("--attack", "attack_name", type=click.Choice(sorted(ATTACKS)), default="badnets", show_default=True)
@@ -259,15 +256,9 @@ def main(
         asr = float((onnx_logits(session, x_test_triggered).argmax(1) == target).mean())
         ops = [node.op_type for node in onnx.load_from_string(model_bytes).graph.node]
 
-        case_dir.mkdir(parents=True, exist_ok=True)
-        (case_dir / "model.onnx").write_bytes(model_bytes)
-        save_npz(case_dir / "clean.npz", x_train[clean_idx], y_train[clean_idx])
-        save_npz(case_dir / "test.npz", x_test[test_idx], y_test[test_idx])
-        save_npz(
-            case_dir / "poison.npz",
-            x_test_triggered[np.searchsorted(victims, poison_idx)],
-            np.full(len(poison_idx), target, dtype=np.int64),
-        )
+        poisoned = x_test_triggered[np.searchsorted(victims, poison_idx)]
+        clean, test = (x_train[clean_idx], y_train[clean_idx]), (x_test[test_idx], y_test[test_idx])
+        write_example(case_dir, model_bytes, clean, test, poisoned, target)
         meta = {
             "arch": arch,
             "attack": None if clean_model else attack_name,
