@@ -1,17 +1,18 @@
 """Repair: change the kept weights so that the suspected target can no longer be reached by a trigger,
 using the clean data alone (after Neural Cleanse's unlearning and the min-max of i-BAU/SAU).
 
-    min_w  CE(f_w(x), y) + CE(f_w(t(x')), y') + CE(f_w(x' + d), y'),   t, d refitted to f_w as it changes
+    min_w  KL(f_0(x) || f_w(x)) + KL(f_0(x') || f_w(t(x'))) + KL(f_0(x') || f_w(x' + d)),   t, d refitted to f_w
 
-`t` are the synthesised triggers (patch, blend) of the suspected target, `d` a universal L-inf
-perturbation towards it; the stamped inputs keep their own labels. Every `check_every` steps the
-triggers and `d` are refitted to the current weights (the inner max: a backdoor that survives finds a
-trigger of the same size again) and the held-out clean accuracy is measured; training stops as soon as
-the refitted triggers' success is at most `max_asr` within the budget, and otherwise keeps the checkpoint
-with the lowest success within the budget (accuracy dips as the triggers are first unlearned, then
-recovers: only `patience` checks past the budget in a row return to the best checkpoint and halve the
-step size, and `max_backtracks` such returns end the run). The model stays in eval mode: BatchNorm keeps its running
-statistics, so what is trained is exactly what the ONNX file computes.
+`f_0` is the model as given, `t` the synthesised triggers (patch, blend) of the suspected target, `d` a
+universal L-inf perturbation towards it (off by default: `perturbation_eps` 0): every input is taught the
+original model's output on its unstamped version (with `distill` off, cross-entropy on its own label). Every
+`check_every` steps the triggers and `d` are refitted to the current weights (the inner max: a backdoor that
+survives finds a trigger of the same size again) and the held-out clean accuracy is measured; training stops
+as soon as the refitted triggers' success is at most `max_asr` within the budget, and otherwise keeps the
+checkpoint with the lowest success within the budget (accuracy dips as the triggers are first unlearned, then
+recovers: only `patience` checks past the budget in a row return to the best checkpoint and halve the step
+size, and `max_backtracks` such returns end the run). The model stays in eval mode: BatchNorm keeps its
+running statistics, so what is trained is exactly what the ONNX file computes.
 """
 
 from __future__ import annotations
@@ -181,6 +182,9 @@ def repair_weights(
     return result
 
 
+REFIT_BATCH = 128
+
+
 class _Refit:
     """A trigger whose pattern and mask keep being refitted to the model being repaired (warm start),
     its mask's sum held to at most the synthesised trigger's: a backdoor that survives is reached by a
@@ -193,7 +197,6 @@ class _Refit:
         mask = trigger.mask.clamp(eps, 1 - eps)
         self.size_weight = 3.0 if trigger.kind == "patch" else 1.0
         self.mask_logit = torch.logit(mask).detach().clone().requires_grad_(True)
-        self.low, self.high = None, None
         self.pattern = trigger.pattern.detach().clone()
 
     def fit(self, classifier: GatedClassifier, inputs: torch.Tensor, target: int, steps: int, generator) -> None:
@@ -201,10 +204,9 @@ class _Refit:
         span = (high - low).clamp_min(1e-6)
         pattern_logit = torch.logit(((self.pattern - low) / span).clamp(1e-4, 1 - 1e-4)).detach().requires_grad_(True)
         optimizer = torch.optim.Adam([self.mask_logit, pattern_logit], lr=0.1)
-        labels = None
+        labels = torch.full((REFIT_BATCH,), target, device=inputs.device)
         for _ in range(steps):
-            batch = inputs[torch.randint(len(inputs), (128,), generator=generator, device=inputs.device)]
-            labels = torch.full((len(batch),), target, device=inputs.device) if labels is None else labels
+            batch = inputs[torch.randint(len(inputs), (REFIT_BATCH,), generator=generator, device=inputs.device)]
             mask = self._bounded(torch.sigmoid(self.mask_logit))
             stamped = (1 - mask) * batch + mask * (low + span * torch.sigmoid(pattern_logit))
             loss = F.cross_entropy(classifier(stamped).float(), labels) + self.size_weight * mask.mean()

@@ -5,8 +5,8 @@
   label's; at least `SUSPICIOUS_SCORE` (above all 11 clean models measured, 0.27-0.41);
 - the refined size ratio: the suspected label's patch trigger after the full synthesis (400 steps)
   over the median label's 100-step size. A backdoor's trigger keeps shrinking with more steps, a
-  natural label's does not: at most `REFINED_SIZE_RATIO` (bench models 0.11-0.47, the clean ResNet
-  0.49; docs/METHOD.md).
+  natural label's does not: at most `REFINED_SIZE_RATIO` (bench of 2026-12-07: backdoored
+  models 0.11-0.47, clean models 0.35-0.49; docs/METHOD.md).
 
 Without evidence purify changes nothing (verdict `clean`): pruning a clean model's label against its
 natural features costs accuracy and removes nothing. SIG's global sinusoid gives neither signal on the
