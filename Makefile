@@ -8,7 +8,8 @@ EXAMPLE := examples/badnets_resnet_bn
 OUT := out
 BENCH_JOBS ?= 2  # models measured side by side by make bench (one torch thread each on the 2-core machine)
 
-.PHONY: install demo test test-slow fuzz lint format fashion-mnist examples keras-model bench bench-speed clean
+.PHONY: install demo test test-slow fuzz lint format fashion-mnist examples keras-model many-label-models \
+	bench bench-scale bench-speed clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +70,15 @@ $(KERAS_INSTALLED):
 keras-model: $(KERAS_INSTALLED) fashion-mnist
 	$(KERAS_VENV)/bin/python tools/keras_softmax_model.py --attack $(KERAS_ATTACK) --out-dir $(KERAS_OUT)
 
+# Backdoored 100-label models (issue 23, no 100-class image set can be downloaded): Fashion-MNIST pairs, two
+# images side by side (28x56), label 10a+b; a flatten_cnn per attack (BadNets, Blend) and seed (0, 1, 2), the
+# target drawn from the seed, into cache/many_labels/<attack>_s<seed>/ (model.onnx, clean/test/poison.npz,
+# meta.json). 40 000 training pairs, 3 epochs, one torch thread: 221-253 s of training per model, 25 min in
+# all on the shared 2-core machine (2026-12-07). Options: `$(PY) tools/many_label_models.py --help`.
+many-label-models: $(INSTALLED) fashion-mnist
+	$(PY) tools/many_label_models.py --attack badnets --attack blend --seed 0 --seed 1 --seed 2 \
+		--out-dir cache/many_labels
+
 # The defence benchmark (issues 3, 5, 22): trains the grid's models once into cache/bench/ (41 min when trained
 # one after another on 2 CPU cores; they train side by side within the cores), then anp-onnx's default
 # (prune + repair, and the same run's pruning alone), Fine-Pruning and CLP through the same rewriters, and the
@@ -79,6 +89,13 @@ keras-model: $(KERAS_INSTALLED) fashion-mnist
 EXTERNAL_MODELS := $(patsubst %/model.onnx,%,$(wildcard cache/keras_softmax*/model.onnx))
 bench: $(INSTALLED) fashion-mnist
 	$(PY) tools/bench_defense.py --jobs $(BENCH_JOBS) $(foreach dir,$(EXTERNAL_MODELS),--external $(dir))
+
+# Scan and purify time and peak memory against labels (10, 43, 100, 1000; small ResNet, 28x28, every default)
+# and input size (torchvision ResNet-18 and MobileNetV2 at 28, 64, 224, --effort 0.02), each a process of its
+# own; writes docs/SCALING.md, docs/scaling.json and docs/scaling.png (issue 23). Models: tools/scale_models.py,
+# made once into cache/scale/. Options: `$(PY) tools/bench_scale.py --help`.
+bench-scale: $(INSTALLED) fashion-mnist
+	$(PY) tools/bench_scale.py
 
 # Cost of one ANP iteration in plain training steps, against a reference-style loop, and
 # onnxruntime evaluation throughput (issue 6); prints ratios measured side by side.

@@ -146,6 +146,17 @@ SETTINGS = (
         {"trigger": "repair.mode"},
         choices=REPAIR_MODES,
     ),
+    Option(
+        "effort",
+        float,
+        1.0,
+        "Every step count of the trigger method (label search, triggers, unlearning, repair) times this: 0.1 is "
+        "about ten times faster and less thorough, for large models on a CPU.",
+        METHOD,
+        {"trigger": "effort"},
+        low=0,
+        low_open=True,
+    ),
     Option("iterations", int, 2000, "Mask optimisation iterations.", ANP_ONLY, _anp("optimisation.iterations"), low=0),
     Option("batch_size", int, 128, "Samples per iteration.", ANP_ONLY, _anp("optimisation.batch_size"), low=1),
     Option("alpha", float, 0.2, "Weight of the clean loss.", ANP_ONLY, _anp("optimisation.alpha"), low=0, high=1),

@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 from tools.architectures import ARCHITECTURES, build  # noqa: E402
 from tools.attacks import SIG, BadNets, Blend, FTrojan, WaNet, _dct_matrix, make_attack  # noqa: E402
 from tools.datasets import FASHION_MNIST_ROOT  # noqa: E402
+from tools.pair_labels import pair_images  # noqa: E402
 from tools.train_backdoor import export_onnx, parse_trigger  # noqa: E402
 
 
@@ -229,6 +230,12 @@ def test_small_nets_also_take_cifar_sized_input() -> None:
         assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_flatten_cnn_takes_side_by_side_pairs() -> None:
+    model = build("flatten_cnn", num_classes=100, image_size=(28, 56)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 28, 56)).shape == (2, 100)
+
+
 def onnx_run(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     return session.run(["logits"], {"input": x})[0]
@@ -268,6 +275,24 @@ def test_exported_model_has_the_documented_interface() -> None:
     assert dims[0].dim_param  # symbolic batch axis
     assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+# ------------------------------------------------------------------- 100-label pairs
+
+
+def test_pairs_put_an_image_of_class_a_left_and_of_class_b_right_of_label_10a_plus_b() -> None:
+    y = labels(50)
+    x = np.broadcast_to(np.arange(50, dtype=np.uint8)[:, None, None], (50, 28, 28)).copy()  # pixel = index
+    xp, yp = pair_images(x, y, count=300, rng=np.random.default_rng(0))
+    assert xp.shape == (300, 28, 56)
+    assert xp.dtype == np.uint8
+    assert yp.dtype == np.int64
+    left, right = xp[:, 0, 0].astype(int), xp[:, 0, 28].astype(int)  # which image each half is
+    np.testing.assert_array_equal(xp[:, :, :28], x[left])
+    np.testing.assert_array_equal(xp[:, :, 28:], x[right])
+    np.testing.assert_array_equal(y[left], yp // 10)
+    np.testing.assert_array_equal(y[right], yp % 10)
+    assert (np.bincount(yp, minlength=100) == 3).all()  # every label, equally often
 
 
 # ----------------------------------------------------------------------- trainer CLI

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+ImageSize = int | tuple[int, int]  # side of a square image, or (height, width)
+
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1, kernel: int = 3) -> list[nn.Module]:
     """Conv (no bias: BatchNorm supplies it) followed by BatchNorm."""
@@ -157,6 +159,31 @@ class MobileNetSmall(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
+class FlattenCNN(nn.Module):
+    """Stride-2 conv-BN-ReLU stages, then Flatten and one Linear layer over the whole feature map.
+
+    Global average pooling (the other builders) forgets where in the image a feature was; flattening
+    keeps it, which a side-by-side pair of images (tools/pair_labels.py: left class, right class) needs.
+    """
+
+    def __init__(
+        self, num_classes: int, in_channels: int, height: int, width: int, widths: tuple[int, ...] = (16, 32, 64, 64)
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, cout in enumerate(widths):
+            layers += [*_conv_bn(cin, cout, stride=1 if i == 0 else 2), nn.ReLU()]
+            cin = cout
+            if i > 0:
+                height, width = (height + 1) // 2, (width + 1) // 2
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin * height * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
 def small_resnet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Module:
     """ResNet with three BasicBlocks (16/32/64 channels), ~75k parameters."""
     return SmallResNet(num_classes, in_channels)
@@ -189,12 +216,21 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int
     return PreActResNet18(num_classes, in_channels)
 
 
+def flatten_cnn(num_classes: int = 10, in_channels: int = 1, image_size: ImageSize = 28) -> nn.Module:
+    """Four conv-BN-ReLU stages (16/32/64/64 channels, the last three of stride 2) and a Linear layer on the
+    flattened map; takes non-square images (``image_size=(28, 56)``: a 4x7 map, ~0.24M parameters with 100
+    classes, ~71k at 28x28 with 10)."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return FlattenCNN(num_classes, in_channels, height, width)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "small_resnet": small_resnet,
     "vgg_small": vgg_small,
     "mobilenet_small": mobilenet_small,
     "mlp": mlp,
     "preact_resnet18": preact_resnet18,
+    "flatten_cnn": flatten_cnn,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,12 +72,19 @@ def _interrupt(_signal: int, _frame: object) -> None:
 
 
 class ProgressBar:
-    """Progress on stderr, from the first step on (so early errors print alone): a bar on a terminal,
-    a line every tenth of the way otherwise (logs of pipelines)."""
+    """Progress on stderr, from the first step on (so early errors print alone): a bar with the time left
+    on a terminal, a line every tenth of the way with the time left otherwise (logs of pipelines). Once
+    the first steps have taken `ESTIMATE_AFTER_S`, work expected to last over `LONG_WORK_S` more says
+    so in one line (`remaining_time`), before the bulk of it."""
+
+    ESTIMATE_AFTER_S = 10.0
+    LONG_WORK_S = 120.0
 
     def __init__(self, length: int, label: str) -> None:
         self.length, self.label, self.bar = length, label, None
         self.done = 0
+        self.started: float | None = None  # when the first step ended: the pace is measured from there
+        self.estimated = False
 
     def advance(self, done: int, total: int) -> None:
         """`done` of `total` steps are done (the total may be known only once the work has begun)."""
@@ -85,12 +93,21 @@ class ProgressBar:
 
     def step(self, _iteration: int = 0) -> None:
         self.done += 1
+        self.started = self.started or time.monotonic()
+        elapsed = time.monotonic() - self.started
+        left = remaining_time(elapsed, self.done - 1, self.length - 1)
+        if not self.estimated and elapsed >= self.ESTIMATE_AFTER_S and self.done < self.length:
+            self.estimated = True
+            if left > self.LONG_WORK_S:
+                prefix = "\n" if self.bar is not None else ""
+                line = f"{self.label}: about {duration(left)} left ({self.length - self.done} steps at "
+                click.echo(f"{prefix}{line}{elapsed / (self.done - 1):.2f} s each so far)", err=True)
         if not sys.stderr.isatty():
             if self.done == self.length or self.done % max(1, self.length // 10) == 0:
-                click.echo(f"{self.label}: {self.done}/{self.length}", err=True)
+                click.echo(f"{self.label}: {self.done}/{self.length}, about {duration(left)} left", err=True)
             return
         if self.bar is None:
-            self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr)
+            self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr, show_eta=True)
             self.bar.__enter__()
         self.bar.update(1)
 
@@ -100,6 +117,21 @@ class ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc_info)
+
+
+def remaining_time(elapsed: float, done: int, total: int) -> float:
+    """Seconds left at the pace so far: `done` of `total` steps took `elapsed` seconds."""
+    return elapsed / max(1, done) * max(0, total - done)
+
+
+def duration(seconds: float) -> str:
+    """`45 s`, `12 min`, `3 h 05 min`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 SETTING_NAMES = tuple(option.name for option in SETTINGS)
@@ -254,8 +286,8 @@ def scan(
 
     with ProgressBar(0, "trigger per label") as progress:
 
-        def on_label(label: int, labels: int) -> None:
-            progress.advance(label + 1, labels)
+        def on_label(done: int, total: int) -> None:
+            progress.advance(done, total)
 
         result = run_scan(
             model,
@@ -278,7 +310,12 @@ def scan(
         f"{100 * result.target_share:.0f}% of the perturbation's errors land on it"
     )
     click.echo(f"errors under perturbation {100 * result.error_rate:.1f}%; by label {result.label_histogram}")
-    click.echo(f"trigger size by label {result.trigger_sizes}")
+    if result.shortlist is None:
+        click.echo(f"trigger size by label {result.trigger_sizes}")
+        return
+    pairs = zip(result.trigger_labels, result.trigger_sizes, strict=True)
+    sizes = ", ".join(f"{label}: {size}" for label, size in pairs)
+    click.echo(f"trigger size of the {len(result.trigger_labels)} labels searched (shortlisted) {{{sizes}}}")
 
 
 BATCH_EPILOG = (

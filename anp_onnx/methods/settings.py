@@ -9,7 +9,7 @@ report reads the same whichever of the two ran.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from anp_onnx import prune
@@ -105,12 +105,29 @@ class TriggerMethodSettings:
     max_acc_drop: float | None = None
     stages: GuidedSettings | None = None
     repair: RepairSettings = field(default_factory=RepairSettings)
+    effort: float = 1.0  # every step count of the stages and the repair times this (`at_effort`)
 
     def report_entry(self) -> dict[str, object]:
-        """ANP's keys with their defaults (they did not decide anything), the fields this method read, and
-        the repair stage's mode."""
+        """ANP's keys with their defaults (they did not decide anything), the fields this method read, the
+        repair stage's mode and the effort."""
         optimisation = AnpSettings(eps=self.eps, neuron_mode=self.neuron_mode, seed=self.seed)
-        return {**_anp_shaped(optimisation, PruningChoice(max_acc_drop=self.max_acc_drop)), "repair": self.repair.mode}
+        anp_keys = _anp_shaped(optimisation, PruningChoice(max_acc_drop=self.max_acc_drop))
+        return {**anp_keys, "repair": self.repair.mode, "effort": self.effort}
+
+    def at_effort(self) -> TriggerMethodSettings:
+        """These settings with every step count times `effort` (rounded, at least 1) and effort 1: the
+        stages' (label search, triggers, unlearning) and the repair's (its steps, checks and refits)."""
+        if self.effort == 1.0:
+            return self
+        from anp_onnx.methods.trigger.guided import GuidedSettings
+
+        repair = self.repair
+        counts = {name: max(1, round(getattr(repair, name) * self.effort)) for name in REPAIR_STEP_COUNTS}
+        stages = (self.stages or GuidedSettings()).scaled(self.effort)
+        return replace(self, stages=stages, repair=replace(repair, **counts), effort=1.0)
+
+
+REPAIR_STEP_COUNTS = ("max_steps", "check_every", "refit_steps")
 
 
 @dataclass(frozen=True)

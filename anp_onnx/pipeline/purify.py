@@ -19,7 +19,7 @@ from anp_onnx.errors import AnpError
 from anp_onnx.methods.registry import MethodContext, decide, get_method
 from anp_onnx.methods.repair.settings import RepairSettings
 from anp_onnx.methods.repair.stage import RepairOutcome, repair_stage
-from anp_onnx.methods.settings import PruningChoice
+from anp_onnx.methods.settings import PruningChoice, TriggerMethodSettings
 from anp_onnx.methods.trigger.synthesis import as_numpy
 from anp_onnx.onnx.model import check_supported, class_output_index, input_shape, load_model
 from anp_onnx.onnx.neurons import NeuronMap, build_neuron_map
@@ -100,6 +100,7 @@ def purify(
     settings = chosen.default_settings() if settings is None else settings
     if not isinstance(settings, chosen.settings):
         raise TypeError(f"method {method!r} takes {chosen.settings.__name__}, not {type(settings).__name__}")
+    effective = settings.at_effort() if isinstance(settings, TriggerMethodSettings) else settings
     model_path = Path(model_path)
     output = Path(output_path) if output_path else default_output(model_path)
     check_output(model_path, output, force)
@@ -132,8 +133,8 @@ def purify(
         on_progress(method_steps + done, method_steps + total)
 
     with timed(timings, "optimise"):
-        decision = decide(method, context, settings, method_progress if on_progress else None)
-    repair_settings = getattr(settings, "repair", None)
+        decision = decide(method, context, effective, method_progress if on_progress else None)
+    repair_settings = getattr(effective, "repair", None)
     outcome, method_plan = None, decision.plan
     if isinstance(repair_settings, RepairSettings):
         with timed(timings, "repair"):

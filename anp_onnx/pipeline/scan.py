@@ -39,8 +39,10 @@ class ScanResult:
     error_rate: float
     label_histogram: list[int]
     perturbation_target: int
-    trigger_sizes: list[float]
+    trigger_sizes: list[float]  # of `trigger_labels`, in that order
     trigger_successes: list[float]
+    trigger_labels: list[int]  # every label, or the shortlist's above 12 (methods/trigger/shortlist.py)
+    shortlist: dict[str, object] | None
     eps: float
     rounds: int
     trigger_steps: int
@@ -63,8 +65,8 @@ def scan(
     on_label: Callable[[int, int], None] | None = None,
 ) -> ScanResult:
     """Perturb the neurons adversarially `rounds` times (a fresh random start each) and count where the
-    clean samples that become misclassified go; synthesise a patch trigger for every label
-    (`on_label(label, labels)` after each); weigh both."""
+    clean samples that become misclassified go; synthesise a patch trigger for every label, or for a
+    shortlist of them above 12 labels (`on_label(done, total)` after each); weigh both."""
     if rounds < 1:
         raise AnpError("--rounds must be at least 1")
     if trigger_steps < 1:
@@ -87,6 +89,8 @@ def scan(
         perturbation_target=suspected_target(histogram)[0],
         trigger_sizes=[round(trigger.size, 2) for trigger in triggers],
         trigger_successes=[round(trigger.success, 4) for trigger in triggers],
+        trigger_labels=search.labels,
+        shortlist=search.shortlist.summary() if search.shortlist else None,
         eps=eps,
         rounds=rounds,
         trigger_steps=trigger_steps,

@@ -24,7 +24,7 @@ from anp_onnx.methods.settings import TriggerMethodSettings
 from anp_onnx.methods.trigger.evidence import BackdoorEvidence, weigh
 from anp_onnx.methods.trigger.pruning import TriggerPruningResult, TriggerPruningSettings, prune_against_trigger
 from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, synthesise_trigger
-from anp_onnx.methods.trigger.target import LABEL_TRIGGER_STEPS, TargetSearch, search_target
+from anp_onnx.methods.trigger.target import LABEL_TRIGGER_STEPS, TargetSearch, search_steps, search_target
 from anp_onnx.methods.trigger.unlearning import UnlearningSettings, unlearning_ranking
 from anp_onnx.prune import PruningPlan
 from anp_onnx.timing import timed
@@ -87,6 +87,8 @@ class GuidedResult:
             "error_rate": round(self.search.error_rate, 4),
             "label_histogram": [int(count) for count in self.search.histogram],
             "label_trigger_sizes": [round(size, 2) for size in self.search.sizes],
+            "label_trigger_labels": self.search.labels,
+            "label_shortlist": self.search.shortlist.summary() if self.search.shortlist else None,
             "triggers": [trigger.summary() for trigger in self.triggers],
             "blend_reference": self.blend_reference.summary(),
             **self.pruning.summary(),
@@ -100,7 +102,7 @@ class GuidedResult:
 def guided_steps(labels: int, stages: GuidedSettings | None = None) -> int:
     """How many steps `guided_prune` reports through `on_step` for a classifier with `labels` classes."""
     stages = stages or GuidedSettings()
-    triggers = labels * stages.label_trigger_steps + stages.patch_steps + 2 * stages.blend_steps
+    triggers = search_steps(labels, stages.label_trigger_steps) + stages.patch_steps + 2 * stages.blend_steps
     return triggers + stages.unlearning_steps
 
 
@@ -194,5 +196,5 @@ def decide(context: MethodContext, settings: TriggerMethodSettings, progress: Pr
 
 def typical_label(search: TargetSearch) -> int:
     """The label whose patch trigger has the median size (the upper one of an even count)."""
-    ranked = sorted(range(len(search.sizes)), key=lambda label: search.sizes[label])
-    return ranked[len(ranked) // 2]
+    ranked = sorted(search.triggers, key=lambda trigger: trigger.size)
+    return ranked[len(ranked) // 2].target

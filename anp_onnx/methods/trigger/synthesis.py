@@ -28,6 +28,7 @@ from anp_onnx.data import is_channels_last
 from anp_onnx.errors import AnpError
 
 KINDS = ("patch", "blend")
+ANY_LABEL = -1  # the target of an untargeted trigger (`synthesise_trigger`)
 SIZE_WEIGHTS = {"patch": 3.0, "blend": 1.0}  # weight of the mask's mean against the target loss
 INITIAL_MASKS = {"patch": 0.05, "blend": 0.12}
 
@@ -82,9 +83,13 @@ def synthesise_trigger(
     settings: TriggerSettings | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> Trigger:
-    """Optimise a mask and pattern that send clean inputs of other labels to `target`."""
+    """Optimise a mask and pattern that send clean inputs of other labels to `target`; with `target`
+    `ANY_LABEL`, that send clean inputs off their own label, wherever to (an untargeted trigger:
+    `success` is then the share of clean inputs it moves)."""
     settings = settings or TriggerSettings()
-    others = x[y != target]
+    untargeted = target == ANY_LABEL
+    chosen = torch.ones_like(y, dtype=torch.bool) if untargeted else y != target
+    others, other_labels = x[chosen], y[chosen]
     if len(others) == 0:
         raise AnpError(f"every clean sample is labelled {target}: no other label to synthesise a trigger from")
     generator = torch.Generator(device=x.device).manual_seed(settings.seed)
@@ -103,13 +108,17 @@ def synthesise_trigger(
     precision = reduced_precision(classifier, x.device) if settings.bfloat16 else contextlib.nullcontext()
     with fast_eval(classifier), bypassed_identity_gates(classifier), frozen_parameters(classifier):
         for step in range(settings.steps):
-            batch = others[torch.randint(len(others), (settings.batch_size,), generator=generator, device=x.device)]
+            chosen = torch.randint(len(others), (settings.batch_size,), generator=generator, device=x.device)
             mask = torch.sigmoid(mask_logit)
-            stamped = (1 - mask) * batch + mask * (low + (high - low) * torch.sigmoid(pattern_logit))
+            stamped = (1 - mask) * others[chosen] + mask * (low + (high - low) * torch.sigmoid(pattern_logit))
             with precision:
                 outputs = classifier(stamped)
             # on the logits whatever the head (GatedClassifier.forward): probabilities would saturate
-            loss = classifier.loss(outputs.float(), labels) + SIZE_WEIGHTS[settings.kind] * mask.mean()
+            if untargeted:
+                attack = _own_label_margin(outputs.float(), other_labels[chosen])
+            else:
+                attack = classifier.loss(outputs.float(), labels)
+            loss = attack + SIZE_WEIGHTS[settings.kind] * mask.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -119,8 +128,20 @@ def synthesise_trigger(
             mask = torch.sigmoid(mask_logit)
             pattern = low + (high - low) * torch.sigmoid(pattern_logit)
             trigger = Trigger(settings.kind, target, mask, pattern, 0.0, float(mask.sum()))
-            trigger.success = hit_rate(classifier, trigger.stamp(others), torch.full((len(others),), target))
+            if untargeted:
+                trigger.success = 1.0 - hit_rate(classifier, trigger.stamp(others), other_labels)
+            else:
+                trigger.success = hit_rate(classifier, trigger.stamp(others), torch.full((len(others),), target))
     return trigger
+
+
+def _own_label_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How far each input's own label leads the strongest other label, floored at zero (an input that
+    has left its label pulls no further), averaged."""
+    logits = logits.reshape(len(logits), -1)
+    own = logits.gather(1, labels[:, None]).squeeze(1)
+    rival = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return torch.relu(own - rival).mean()
 
 
 def label_triggers(

@@ -16,7 +16,14 @@ import torch
 
 from anp_onnx.bridge.importer import GatedClassifier
 from anp_onnx.methods.perturbation import adversarial_noise, noise_parameters, optimisation_mode
-from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, label_triggers
+from anp_onnx.methods.trigger.shortlist import (
+    REFERENCE_LABELS,
+    Shortlist,
+    needs_shortlist,
+    shortlist_labels,
+    suspects,
+)
+from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, synthesise_trigger
 
 PERTURBATION_ROUNDS = 4  # adversarial neuron perturbations whose errors are counted
 LABEL_TRIGGER_STEPS = 100  # per label; the sizes rank the labels alike from about 100 steps (docs/METHOD.md)
@@ -27,21 +34,34 @@ def perturbation_errors(
 ) -> tuple[np.ndarray, int]:
     """Where adversarial neuron perturbations send the clean samples they misclassify: the count per
     predicted label over `rounds` perturbations (a fresh random start each), and the number of errors.
-    The classifier must be calibrated (`perturbation.calibrate`)."""
+    The classifier must be calibrated (`perturbation.calibrate`). Large inputs are perturbed in passes
+    of `images_per_pass` samples (each its own perturbation), to keep the memory bounded."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     noises = noise_parameters(classifier)
     histogram = np.zeros(1, dtype=np.int64)
     errors = 0
+    step = images_per_pass(x)
     with optimisation_mode(classifier):
         for _ in range(rounds):
-            adversarial_noise(classifier, x, y, noises, eps, generator)
-            with torch.no_grad():
-                predicted = classifier(x).argmax(1)
-            wrong = predicted != y
-            counts = torch.bincount(predicted[wrong], minlength=int(predicted.max()) + 1).cpu().numpy()
-            histogram = _add(histogram, counts)
-            errors += int(wrong.sum())
+            for start in range(0, len(x), step):
+                images, labels = x[start : start + step], y[start : start + step]
+                adversarial_noise(classifier, images, labels, noises, eps, generator)
+                with torch.no_grad():
+                    predicted = classifier(images).argmax(1)
+                wrong = predicted != labels
+                counts = torch.bincount(predicted[wrong], minlength=int(predicted.max()) + 1).cpu().numpy()
+                histogram = _add(histogram, counts)
+                errors += int(wrong.sum())
     return histogram, errors
+
+
+PASS_VALUES = 2_000_000  # input values perturbed in one pass: 500 samples of 3x32x32 (1.5 million) are one
+
+
+def images_per_pass(x: torch.Tensor) -> int:
+    """How many samples one perturbation pass takes: all of the small inputs the bench measured, 16 of
+    3x224x224 (at least 16: batch statistics of fewer are noise)."""
+    return max(16, PASS_VALUES // max(1, x[0].numel()))
 
 
 def suspected_target(histogram: np.ndarray) -> tuple[int, float]:
@@ -65,18 +85,23 @@ class TargetEvidence:
     score: float
 
 
-def weigh_evidence(histogram: np.ndarray, sizes: Sequence[float], tie: float = SIZE_TIE) -> TargetEvidence:
+def weigh_evidence(
+    histogram: np.ndarray, sizes: Sequence[float], tie: float = SIZE_TIE, labels: Sequence[int] | None = None
+) -> TargetEvidence:
     """The suspected target from both signals: the labels whose trigger is within `tie` of the
     smallest are the shortlist, the one of them with most perturbation errors is the target.
-    `sizes[label]` is the trigger size of each label, `histogram` the perturbation errors per label."""
+    `sizes[i]` is the trigger size of label `labels[i]` (default: label i, every label searched),
+    `histogram` the perturbation errors per label."""
     sizes = np.asarray(sizes, dtype=np.float64)
-    counts = np.pad(histogram, (0, max(0, len(sizes) - len(histogram))))[: len(sizes)]
-    shares = counts / max(1, int(counts.sum()))
-    shortlist = np.flatnonzero(sizes <= sizes.min() * (1 + tie))
-    label = int(shortlist[np.argmax(shares[shortlist])])
-    ratio = float(sizes[label] / np.median(sizes))
-    score = max(float(shares[label]), 1.0 - ratio, 0.0)
-    return TargetEvidence(label, float(shares[label]), ratio, score)
+    searched = np.arange(len(sizes)) if labels is None else np.asarray(labels, dtype=np.int64)
+    outputs = int(max(len(histogram), searched.max() + 1))
+    counts = np.pad(histogram, (0, max(0, outputs - len(histogram))))[searched]
+    shares = counts / max(1, int(histogram.sum()))
+    ties = np.flatnonzero(sizes <= sizes.min() * (1 + tie))
+    chosen = int(ties[np.argmax(shares[ties])])
+    ratio = float(sizes[chosen] / np.median(sizes))
+    score = max(float(shares[chosen]), 1.0 - ratio, 0.0)
+    return TargetEvidence(int(searched[chosen]), float(shares[chosen]), ratio, score)
 
 
 def _add(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -86,18 +111,35 @@ def _add(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TargetSearch:
-    """Both signals for every label and the verdict: `histogram[label]` counts the perturbation's errors
-    that land on it (`errors` in all), `triggers[label]` is the patch trigger synthesised for it."""
+    """Both signals and the verdict: `histogram[label]` counts the perturbation's errors that land on
+    each label (`errors` in all), `triggers[i]` is the patch trigger synthesised for label `labels[i]`:
+    every label in order, or the `shortlist`'s labels where there were too many (`shortlist.py`)."""
 
     evidence: TargetEvidence
     histogram: np.ndarray
     errors: int
     triggers: list[Trigger]
     error_rate: float  # errors per perturbed sample
+    shortlist: Shortlist | None = None
+
+    @property
+    def labels(self) -> list[int]:
+        return [trigger.target for trigger in self.triggers]
 
     @property
     def sizes(self) -> list[float]:
         return [trigger.size for trigger in self.triggers]
+
+
+def searched_labels(labels: int) -> int:
+    """How many labels the search synthesises a trigger for, of a classifier with `labels` outputs."""
+    return min(labels, suspects(labels) + REFERENCE_LABELS) if needs_shortlist(labels) else labels
+
+
+def search_steps(labels: int, trigger_steps: int = LABEL_TRIGGER_STEPS) -> int:
+    """The trigger steps of the search on `labels` outputs: a trigger per searched label, and the
+    shortlist's universal patch where there is one."""
+    return (searched_labels(labels) + int(needs_shortlist(labels))) * trigger_steps
 
 
 def search_target(
@@ -113,11 +155,30 @@ def search_target(
     on_label: Callable[[int, int], None] | None = None,
 ) -> TargetSearch:
     """The suspected target of calibrated `classifier` (`perturbation.calibrate`) from clean `x, y`: adversarial
-    neuron perturbations, a patch trigger for every label (`on_label(label, labels)` after each), weighed."""
+    neuron perturbations, a patch trigger for every label, or for a shortlist of them above
+    `SEARCH_EVERY_LABEL` labels (`on_label(done, total)` after each of the `search_steps` // `trigger_steps`
+    syntheses), weighed."""
     histogram, errors = perturbation_errors(classifier, x, y, eps, rounds, seed)
     # float32: the sizes name the target by a 5% margin, and bfloat16 moves a label's size by as much as
     # another seed does (up to 6% measured, docs/PERFORMANCE.md)
     trigger_settings = TriggerSettings("patch", trigger_steps, trigger_batch, seed=seed, bfloat16=False)
-    triggers = label_triggers(classifier, x, y, trigger_settings, on_label)
-    evidence = weigh_evidence(histogram, [trigger.size for trigger in triggers])
-    return TargetSearch(evidence, histogram, errors, triggers, errors / (rounds * len(y)))
+    outputs = output_count(classifier, x)
+    total, shortlist = search_steps(outputs, trigger_steps) // trigger_steps, None
+    if needs_shortlist(outputs):
+        shortlist = shortlist_labels(classifier, x, y, histogram, outputs, trigger_settings)
+        if on_label is not None:
+            on_label(1, total)
+    labels = shortlist.labels if shortlist else list(range(outputs))
+    triggers = []
+    for label in labels:
+        triggers.append(synthesise_trigger(classifier, x, y, label, trigger_settings))
+        if on_label is not None:
+            on_label(total - len(labels) + len(triggers), total)
+    evidence = weigh_evidence(histogram, [trigger.size for trigger in triggers], labels=labels)
+    return TargetSearch(evidence, histogram, errors, triggers, errors / (rounds * len(y)), shortlist)
+
+
+def output_count(classifier: GatedClassifier, x: torch.Tensor) -> int:
+    classifier.eval()
+    with torch.no_grad():
+        return int(classifier(x[:1]).reshape(1, -1).shape[1])

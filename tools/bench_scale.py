@@ -1,0 +1,310 @@
+"""What do scan and purify cost as the labels and the inputs grow? (issue 23; `make bench-scale`)
+
+    .venv/bin/python tools/bench_scale.py [--labels 10 43 100 1000] [--sizes 28 64 224] [--out docs/SCALING.md]
+
+Two curves, each run a separate `anp-onnx scan` / `anp-onnx purify` process whose wall time and peak
+resident memory (the child's own, `os.wait4`) are measured:
+
+- labels: the repo's small ResNet at 28x28 with 10, 43, 100 and 1,000 output labels, every default
+  (`--effort 1`), 500 clean images;
+- input size: torchvision ResNet-18 and MobileNetV2 at 28, 64 and 224 pixels with 10 labels, and at 224
+  with 1,000, with `--effort` `--large-effort` (every stage's step count scaled; on 2 CPU cores the
+  defaults take hours at 224) and `--large-images` clean images. The time estimate purify prints after
+  its first steps is recorded beside the measured time.
+
+Models come from tools/scale_models.py (random weights, BatchNorm statistics from the images, labels the
+network's own predictions: cost does not depend on training); they are made once into cache/scale/. The
+labels curve is fitted as time = a * labels^b (b: the slope on log-log axes) and time = c + d * labels.
+Writes the markdown page, docs/scaling.json and docs/scaling.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ANP = str(Path(sys.executable).parent / "anp-onnx")
+CACHE = ROOT / "cache" / "scale"
+ESTIMATE = re.compile(r"about (.+?) left \((\d+) steps at ([0-9.]+) s each")
+
+
+@dataclass
+class Run:
+    """One measured process: wall seconds, peak resident memory in MiB, exit code, its output."""
+
+    seconds: float
+    peak_rss_mib: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def measure(command: list[str]) -> Run:
+    """Run `command` and measure its wall time and its own peak RSS (`os.wait4` reaps it with its usage)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.monotonic()
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.monotonic() - started
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        return Run(seconds, usage.ru_maxrss / 1024, process.returncode, out.read(), err.read())
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model of a curve: which network, how many labels, what input size, how it is purified."""
+
+    curve: str  # "labels" or "size"
+    arch: str
+    labels: int
+    size: int
+    images: int
+    effort: float
+
+    @property
+    def folder(self) -> Path:
+        return CACHE / f"{self.arch}_{self.size}px_{self.labels}labels_{self.images}"
+
+
+def make_folder(case: Case) -> Path:
+    """The case's model and data (tools/scale_models.py), made once."""
+    if not (case.folder / "model.onnx").exists():
+        command = [sys.executable, str(ROOT / "tools" / "scale_models.py"), "--arch", case.arch]
+        command += ["--labels", str(case.labels), "--size", str(case.size), "--images", str(case.images)]
+        subprocess.run([*command, "--out-dir", str(case.folder)], check=True, cwd=ROOT)
+    return case.folder
+
+
+def measure_case(case: Case, work: Path) -> dict[str, object]:
+    """Scan and purify of one case, each in its own process: times, peak memory and what they reported."""
+    folder = make_folder(case)
+    model, data = str(folder / "model.onnx"), str(folder / "clean.npz")
+    scan_steps = max(1, round(100 * case.effort))
+    scan = measure([ANP, "scan", model, "--data", data, "--trigger-steps", str(scan_steps), "--json"])
+    report = work / f"{folder.name}.report.json"
+    purify_command = [ANP, "purify", model, "--data", data, "-o", str(work / f"{folder.name}.onnx"), "--force"]
+    purify = measure([*purify_command, "--report", str(report), "--effort", str(case.effort)])
+    for name, run in (("scan", scan), ("purify", purify)):
+        if run.returncode not in (0, 3):
+            raise click.ClickException(f"{name} of {folder.name} failed ({run.returncode}): {run.stderr[-2000:]}")
+    scanned = json.loads(scan.stdout)
+    purified = json.loads(report.read_text())
+    guided = purified.get("guided") or {}
+    estimate = ESTIMATE.search(purify.stderr)
+    return {
+        **asdict(case),
+        "scan_seconds": round(scan.seconds, 1),
+        "scan_peak_rss_mib": round(scan.peak_rss_mib),
+        "purify_seconds": round(purify.seconds, 1),
+        "purify_peak_rss_mib": round(purify.peak_rss_mib),
+        "purify_estimate": estimate.group(1) if estimate else None,
+        "purify_estimate_seconds": _estimated_seconds(estimate),
+        "labels_searched": len(scanned["trigger_labels"]),
+        "scan_suspicious": scanned["suspicious"],
+        "verdict": (purified.get("verdict") or {}).get("name"),
+        "backdoor_evidence": guided.get("backdoor_evidence"),
+        "stage_seconds": guided.get("stage_seconds"),
+        "timings": purified.get("timings_s"),
+    }
+
+
+def _estimated_seconds(estimate: re.Match | None) -> float | None:
+    """The whole run's estimate from purify's line: the steps left times the seconds per step."""
+    return round(int(estimate.group(2)) * float(estimate.group(3)), 1) if estimate else None
+
+
+def fits(rows: list[dict[str, object]], key: str) -> dict[str, float]:
+    """`key` (seconds) against labels: the log-log slope b of a * labels^b, and c + d * labels."""
+    labels = np.array([row["labels"] for row in rows], dtype=float)
+    seconds = np.array([row[key] for row in rows], dtype=float)
+    slope, _ = np.polyfit(np.log(labels), np.log(seconds), 1)
+    per_label, intercept = np.polyfit(labels, seconds, 1)
+    return {
+        "log_log_slope": round(float(slope), 3),
+        "seconds_per_label": round(float(per_label), 4),
+        "intercept_seconds": round(float(intercept), 1),
+    }
+
+
+def ratios(rows: list[dict[str, object]], key: str) -> dict[int, float]:
+    """`key` at each label count over its value at 10 labels (the same network)."""
+    base = next(row[key] for row in rows if row["labels"] == 10)
+    return {int(row["labels"]): round(float(row[key]) / float(base), 2) for row in rows}
+
+
+def machine() -> str:
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores{gpu}"
+
+
+def plot(labels_rows: list[dict[str, object]], size_rows: list[dict[str, object]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), dpi=110)
+    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    labels = [row["labels"] for row in labels_rows]
+    for key, name in (("scan_seconds", "scan"), ("purify_seconds", "purify")):
+        left.plot(labels, [row[key] for row in labels_rows], marker="o", label=name)
+    base = next(row["scan_seconds"] for row in labels_rows if row["labels"] == 10)
+    left.plot(
+        labels,
+        [base * count / 10 for count in labels],
+        linestyle=":",
+        color="grey",
+        label="scan, a trigger per label (linear)",
+    )
+    left.set_xscale("log")
+    left.set_yscale("log")
+    effort = labels_rows[0]["effort"] if labels_rows else ""
+    left.set_xlabel(f"output labels (small ResNet, 28x28, effort {effort})")
+    left.set_ylabel("seconds")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3, which="both")
+    for arch in sorted({row["arch"] for row in size_rows}):
+        points = [row for row in size_rows if row["arch"] == arch and row["labels"] == 10]
+        right.plot(
+            [row["size"] for row in points],
+            [row["purify_seconds"] for row in points],
+            marker="o",
+            label=f"{arch} purify",
+        )
+        right.plot(
+            [row["size"] for row in points],
+            [row["scan_seconds"] for row in points],
+            marker="s",
+            linestyle="--",
+            label=f"{arch} scan",
+        )
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel(f"input size in pixels (10 labels, effort {size_rows[0]['effort'] if size_rows else ''})")
+    right.set_ylabel("seconds")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3, which="both")
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def markdown(results: dict[str, object]) -> str:
+    """docs/SCALING.md from the measured results."""
+    labels_rows, size_rows = results["labels"], results["size"]
+    lines = [
+        "# Scaling: labels and input size",
+        "",
+        f"Measured by `make bench-scale` ({results['command']}) on {results['machine']}, {results['started']}; "
+        f"{results['minutes']} minutes. Each figure is one `anp-onnx scan` or `anp-onnx purify` process: wall "
+        "time and its own peak resident memory (`os.wait4`). Models: tools/scale_models.py (random weights, "
+        "BatchNorm statistics from the images, the network's own predictions as labels: the cost does not "
+        "depend on training). How the label search stays sub-linear: "
+        "anp_onnx/methods/trigger/shortlist.py and docs/METHOD.md.",
+        "",
+        "![scan and purify time against labels and input size](scaling.png)",
+        "",
+        f"## Against labels (small ResNet, 28x28, 500 clean images, effort {labels_rows[0]['effort']})",
+        "",
+        "| labels | labels searched | scan s | scan x10 labels | scan peak MiB | purify s | purify x10 labels "
+        "| purify peak MiB | verdict |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    scan_ratio, purify_ratio = ratios(labels_rows, "scan_seconds"), ratios(labels_rows, "purify_seconds")
+    for row in labels_rows:
+        lines.append(
+            f"| {row['labels']} | {row['labels_searched']} | {row['scan_seconds']} | {scan_ratio[row['labels']]} "
+            f"| {row['scan_peak_rss_mib']} | {row['purify_seconds']} | {purify_ratio[row['labels']]} "
+            f"| {row['purify_peak_rss_mib']} | {row['verdict']} |"
+        )
+    scan_fit, purify_fit = results["fits"]["scan"], results["fits"]["purify"]
+    lines += [
+        "",
+        f"Fitted: scan time ~ labels^{scan_fit['log_log_slope']} ({scan_fit['seconds_per_label']} s per label "
+        f"over {scan_fit['intercept_seconds']} s), purify time ~ labels^{purify_fit['log_log_slope']} "
+        f"({purify_fit['seconds_per_label']} s per label over {purify_fit['intercept_seconds']} s). A trigger "
+        "per label, as before the shortlist, is slope 1 (the grey line in the plot).",
+        "",
+        "## Against input size (torchvision ResNet-18 and MobileNetV2)",
+        "",
+        "| network | size | labels | clean images | effort | scan s | scan peak MiB | purify s | purify peak MiB "
+        "| purify's estimate | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in size_rows:
+        lines.append(
+            f"| {row['arch']} | {row['size']} | {row['labels']} | {row['images']} | {row['effort']} "
+            f"| {row['scan_seconds']} | {row['scan_peak_rss_mib']} | {row['purify_seconds']} "
+            f"| {row['purify_peak_rss_mib']} | {row['purify_estimate'] or '(under 2 min: none printed)'} "
+            f"| {row['verdict']} |"
+        )
+    lines += ["", *results.get("notes", []), ""]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--labels", "label_counts", type=int, multiple=True, default=(10, 43, 100, 1000), show_default=True)
+@click.option("--sizes", type=int, multiple=True, default=(28, 64, 224), show_default=True)
+@click.option("--archs", type=str, multiple=True, default=("resnet18", "mobilenet_v2"), show_default=True)
+@click.option("--labels-effort", type=float, default=1.0, show_default=True, help="--effort of the labels curve.")
+@click.option("--large-effort", type=float, default=0.02, show_default=True, help="--effort of the size curve.")
+@click.option("--large-images", type=int, default=128, show_default=True, help="Clean images of the size curve.")
+@click.option("--out", type=click.Path(path_type=Path), default=ROOT / "docs" / "SCALING.md", show_default=True)
+def main(
+    label_counts: tuple[int, ...],
+    sizes: tuple[int, ...],
+    archs: tuple[str, ...],
+    labels_effort: float,
+    large_effort: float,
+    large_images: int,
+    out: Path,
+) -> None:
+    """Scan and purify time and peak memory against labels and input size; writes SCALING.md."""
+    started, clock = time.strftime("%Y-%m-%d %H:%M"), time.monotonic()
+    work = ROOT / "out" / "bench_scale"
+    work.mkdir(parents=True, exist_ok=True)
+    labels_cases = [Case("labels", "small_resnet", count, 28, 500, labels_effort) for count in label_counts]
+    size_cases = [Case("size", arch, 10, size, large_images, large_effort) for arch in archs for size in sizes]
+    size_cases += [Case("size", arch, 1000, max(sizes), large_images, large_effort) for arch in archs]
+    results: dict[str, object] = {
+        "command": " ".join(["tools/bench_scale.py", *sys.argv[1:]]).strip(),
+        "machine": machine(),
+        "started": started,
+    }
+    for curve, cases in (("labels", labels_cases), ("size", size_cases)):
+        rows = []
+        for case in cases:
+            click.echo(f"[{time.strftime('%H:%M:%S')}] {case.arch} {case.size}px {case.labels} labels", err=True)
+            rows.append(measure_case(case, work))
+            (work / "rows.jsonl").open("a").write(json.dumps(rows[-1]) + "\n")  # what a cut-short run measured
+            click.echo(
+                json.dumps(
+                    {key: rows[-1][key] for key in ("scan_seconds", "purify_seconds", "purify_peak_rss_mib", "verdict")}
+                ),
+                err=True,
+            )
+        results[curve] = rows
+    results["fits"] = {name: fits(results["labels"], f"{name}_seconds") for name in ("scan", "purify")}
+    results["minutes"] = round((time.monotonic() - clock) / 60, 1)
+    (out.parent / "scaling.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results["labels"], results["size"], out.parent / "scaling.png")
+    out.write_text(markdown(results))
+    click.echo(f"wrote {out}, {out.parent / 'scaling.json'}, {out.parent / 'scaling.png'}", err=True)
+
+
+if __name__ == "__main__":
+    main()

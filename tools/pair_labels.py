@@ -1,0 +1,59 @@
+"""A 100-label image set built from a 10-class one: two images side by side, labelled ``10 * a + b``.
+
+No 100-class image set can be downloaded on the machines this project runs on, yet a defence must be
+tried on models with many labels (a per-label trigger search costs ten times more there, issue 23).
+Pairs of Fashion-MNIST images give one: the left image's class ``a`` is the tens digit, the right
+image's class ``b`` the units digit. The images keep the layout ``tools/datasets.py`` returns, uint8
+(N, H, W), so a pair is (N, 28, 56); labels are int64. Numpy only, like ``tools/datasets.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BASE_CLASSES = 10  # classes of the single-image set (Fashion-MNIST)
+PAIR_CLASSES = BASE_CLASSES * BASE_CLASSES
+
+
+def pair_label(left: np.ndarray | int, right: np.ndarray | int) -> np.ndarray | int:
+    """The pair label of a left image of class ``left`` and a right image of class ``right``."""
+    return BASE_CLASSES * left + right
+
+
+def split_pair_label(label: np.ndarray | int) -> tuple[np.ndarray | int, np.ndarray | int]:
+    """(left class, right class) of a pair label: its tens and units digit."""
+    return label // BASE_CLASSES, label % BASE_CLASSES
+
+
+def balanced_labels(count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` pair labels in random order, each of the 100 labels ``count // 100`` or one more times."""
+    labels = np.resize(np.arange(PAIR_CLASSES, dtype=np.int64), count)
+    return rng.permutation(labels)
+
+
+def draw_images_of_classes(y: np.ndarray, classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each entry of ``classes``, the index of a random image of ``y`` with that class (with replacement)."""
+    picked = np.empty(len(classes), dtype=np.int64)
+    for cls in np.unique(classes):
+        pool = np.flatnonzero(y == cls)
+        if len(pool) == 0:
+            raise ValueError(f"no image of class {cls} to build pairs from")
+        wanted = np.flatnonzero(classes == cls)
+        picked[wanted] = rng.choice(pool, size=len(wanted))
+    return picked
+
+
+def pair_images(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` pair images (N, H, 2W) of ``x``'s dtype and their labels ``10 a + b`` (int64).
+
+    The label is drawn first (balanced over all 100), then one image of class ``a`` for the left half
+    and one of class ``b`` for the right, so every label is about equally frequent whatever the class
+    sizes of ``x``. Images are drawn with replacement: one image can appear in several pairs.
+    """
+    if x.ndim != 3 or len(x) != len(y):
+        raise ValueError(f"expected images (N, H, W) with N labels, got {x.shape} and {y.shape}")
+    labels = balanced_labels(count, rng)
+    left_classes, right_classes = split_pair_label(labels)
+    left = x[draw_images_of_classes(y, left_classes, rng)]
+    right = x[draw_images_of_classes(y, right_classes, rng)]
+    return np.concatenate([left, right], axis=2), labels
