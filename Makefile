@@ -93,7 +93,8 @@ bench: $(INSTALLED) fashion-mnist
 # Scan and purify time and peak memory against labels (10, 43, 100, 1000; small ResNet, 28x28, every default)
 # and input size (torchvision ResNet-18 and MobileNetV2 at 28, 64, 224, --effort 0.02), each a process of its
 # own; writes docs/SCALING.md, docs/scaling.json and docs/scaling.png (issue 23). Models: tools/scale_models.py,
-# made once into cache/scale/. Options: `$(PY) tools/bench_scale.py --help`.
+# made once into cache/scale/. Options: `$(PY) tools/bench_scale.py --help`. The committed page is a cut-short
+# run at --labels-effort 0.2 (2026-12-07); a full run at these defaults was not timed yet.
 bench-scale: $(INSTALLED) fashion-mnist
 	$(PY) tools/bench_scale.py
 

@@ -264,6 +264,11 @@ def markdown(results: dict[str, object]) -> str:
 @click.option("--large-effort", type=float, default=0.02, show_default=True, help="--effort of the size curve.")
 @click.option("--large-images", type=int, default=128, show_default=True, help="Clean images of the size curve.")
 @click.option("--out", type=click.Path(path_type=Path), default=ROOT / "docs" / "SCALING.md", show_default=True)
+@click.option(
+    "--from-rows",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Write the page from the rows a cut-short run measured (out/bench_scale/rows.jsonl), measuring nothing.",
+)
 def main(
     label_counts: tuple[int, ...],
     sizes: tuple[int, ...],
@@ -272,6 +277,7 @@ def main(
     large_effort: float,
     large_images: int,
     out: Path,
+    from_rows: Path | None,
 ) -> None:
     """Scan and purify time and peak memory against labels and input size; writes SCALING.md."""
     started, clock = time.strftime("%Y-%m-%d %H:%M"), time.monotonic()
@@ -285,7 +291,11 @@ def main(
         "machine": machine(),
         "started": started,
     }
+    measured = [json.loads(line) for line in from_rows.read_text().splitlines()] if from_rows else None
     for curve, cases in (("labels", labels_cases), ("size", size_cases)):
+        if measured is not None:
+            results[curve] = [row for row in measured if row["curve"] == curve]
+            continue
         rows = []
         for case in cases:
             click.echo(f"[{time.strftime('%H:%M:%S')}] {case.arch} {case.size}px {case.labels} labels", err=True)
@@ -299,7 +309,7 @@ def main(
             )
         results[curve] = rows
     results["fits"] = {name: fits(results["labels"], f"{name}_seconds") for name in ("scan", "purify")}
-    results["minutes"] = round((time.monotonic() - clock) / 60, 1)
+    results["minutes"] = round((time.monotonic() - clock) / 60, 1) if measured is None else "(cut short: see notes)"
     (out.parent / "scaling.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results["labels"], results["size"], out.parent / "scaling.png")
     out.write_text(markdown(results))
