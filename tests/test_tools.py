@@ -21,6 +21,7 @@ from tools.architectures import ARCHITECTURES, build  # noqa: E402
 from tools.attacks import SIG, BadNets, Blend, FTrojan, WaNet, _dct_matrix, make_attack  # noqa: E402
 from tools.datasets import FASHION_MNIST_ROOT  # noqa: E402
 from tools.pair_labels import pair_images  # noqa: E402
+from tools.scale_models import make_scale_example  # noqa: E402
 from tools.train_backdoor import export_onnx, parse_trigger  # noqa: E402
 
 
@@ -293,6 +294,28 @@ def test_pairs_put_an_image_of_class_a_left_and_of_class_b_right_of_label_10a_pl
     np.testing.assert_array_equal(y[left], yp // 10)
     np.testing.assert_array_equal(y[right], yp % 10)
     assert (np.bincount(yp, minlength=100) == 3).all()  # every label, equally often
+
+
+# ----------------------------------------------------------------- untrained scale models
+
+
+@pytest.mark.skipif(
+    not (FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
+def test_scale_model_labels_its_own_images_with_onnxruntime_argmax(tmp_path: Path) -> None:
+    meta = make_scale_example("small_resnet", labels=43, size=28, out_dir=tmp_path, n_images=32, n_test=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.npz", "meta.json", "model.onnx", "test.npz"]
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for name in ("clean", "test"):
+        data = np.load(tmp_path / f"{name}.npz")
+        assert data["x"].shape[1:] == (28, 28)
+        assert data["x"].dtype == np.uint8
+        logits = session.run(["logits"], {"input": data["x"][:, None].astype(np.float32) / 255})[0]
+        assert logits.shape == (len(data["y"]), 43)
+        np.testing.assert_array_equal(data["y"], logits.argmax(1))
+    assert meta["distinct_labels_clean"] == len(np.unique(np.load(tmp_path / "clean.npz")["y"])) > 8
 
 
 # ----------------------------------------------------------------------- trainer CLI

@@ -192,6 +192,8 @@ def plot(labels_rows: list[dict[str, object]], size_rows: list[dict[str, object]
             linestyle="--",
             label=f"{arch} scan",
         )
+    if not size_rows:
+        right.text(0.5, 0.5, "input-size curve not measured in this run", ha="center", transform=right.transAxes)
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel(f"input size in pixels (10 labels, effort {size_rows[0]['effort'] if size_rows else ''})")
