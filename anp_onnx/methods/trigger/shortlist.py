@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from anp_onnx.bridge.importer import GatedClassifier
-from anp_onnx.methods.trigger.synthesis import ANY_LABEL, TriggerSettings, synthesise_trigger
+from anp_onnx.methods.trigger.synthesis import ANY_LABEL, TriggerSettings, predicted_labels, synthesise_trigger
 
 SEARCH_EVERY_LABEL = 12  # up to this many labels, every label gets its trigger
 REFERENCE_LABELS = 4  # labels drawn at random beside the suspects, for the median size
@@ -104,8 +104,8 @@ def logit_presence(
     classifier.eval()
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            logits = classifier(x[start : start + batch_size]).reshape(len(x[start : start + batch_size]), -1)
-            top = logits.topk(k, dim=1).indices.cpu()
+            batch = x[start : start + batch_size]
+            top = classifier(batch).reshape(len(batch), -1).topk(k, dim=1).indices.cpu()
             own = y[start : start + batch_size].cpu()[:, None]
             others = top[top != own.expand_as(top)]
             counts += torch.bincount(others, minlength=labels)[:labels]
@@ -118,13 +118,9 @@ def universal_patch_destinations(
     """Where one untargeted patch trigger sends the clean samples it moves off their label: the count per label."""
     trigger = synthesise_trigger(classifier, x, y, ANY_LABEL, settings)
     classifier.eval()
-    counts = np.zeros(labels, dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, len(x), 256):
-            predicted = classifier(trigger.stamp(x[start : start + 256])).argmax(1)
-            moved = predicted[predicted != y[start : start + 256]]
-            counts += torch.bincount(moved, minlength=labels)[:labels].cpu().numpy()
-    return counts
+    predicted = predicted_labels(classifier, trigger.stamp(x)).cpu()
+    moved = predicted[predicted != y.cpu()]
+    return torch.bincount(moved, minlength=labels)[:labels].numpy()
 
 
 def _padded(histogram: np.ndarray, labels: int) -> np.ndarray:

@@ -16,7 +16,7 @@ attacker's, which the defence never sees.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,28 +150,38 @@ def label_triggers(
     y: torch.Tensor,
     settings: TriggerSettings,
     on_label: Callable[[int, int], None] | None = None,
+    labels: Sequence[int] | None = None,
 ) -> list[Trigger]:
-    """A trigger for every label the classifier outputs, in label order; `on_label(label, labels)`
-    after each one."""
-    classifier.eval()
-    with torch.no_grad():
-        labels = int(classifier(x[:1]).shape[1])
+    """A trigger for each of `labels` (default: every label the classifier outputs), in that order;
+    `on_label(done, count)` after each one."""
+    labels = list(range(output_count(classifier, x))) if labels is None else list(labels)
     triggers = []
-    for label in range(labels):
+    for label in labels:
         triggers.append(synthesise_trigger(classifier, x, y, label, settings))
         if on_label is not None:
-            on_label(label, labels)
+            on_label(len(triggers), len(labels))
     return triggers
+
+
+def output_count(classifier: GatedClassifier, x: torch.Tensor) -> int:
+    """How many labels the classifier outputs."""
+    classifier.eval()
+    with torch.no_grad():
+        return int(classifier(x[:1]).reshape(1, -1).shape[1])
+
+
+def predicted_labels(classifier: GatedClassifier, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The classifier's label for each of `inputs`, run in batches."""
+    with torch.no_grad():
+        return torch.cat(
+            [classifier(inputs[start : start + batch_size]).argmax(1) for start in range(0, len(inputs), batch_size)]
+        )
 
 
 def hit_rate(classifier: GatedClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     """Share of `inputs` the classifier puts on their label."""
-    hits = 0
-    with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            predicted = classifier(inputs[start : start + batch_size]).argmax(1)
-            hits += int((predicted == labels[start : start + batch_size].to(predicted.device)).sum())
-    return hits / len(inputs)
+    predicted = predicted_labels(classifier, inputs, batch_size)
+    return int((predicted == labels.to(predicted.device)).sum()) / len(inputs)
 
 
 def _value_range(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from anp_onnx.methods.trigger.shortlist import (
     shortlist_labels,
     suspects,
 )
-from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, synthesise_trigger
+from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, label_triggers, output_count
 
 PERTURBATION_ROUNDS = 4  # adversarial neuron perturbations whose errors are counted
 LABEL_TRIGGER_STEPS = 100  # per label; the sizes rank the labels alike from about 100 steps (docs/METHOD.md)
@@ -169,16 +169,7 @@ def search_target(
         if on_label is not None:
             on_label(1, total)
     labels = shortlist.labels if shortlist else list(range(outputs))
-    triggers = []
-    for label in labels:
-        triggers.append(synthesise_trigger(classifier, x, y, label, trigger_settings))
-        if on_label is not None:
-            on_label(total - len(labels) + len(triggers), total)
+    progress = (lambda done, count: on_label(total - count + done, total)) if on_label else None
+    triggers = label_triggers(classifier, x, y, trigger_settings, progress, labels)
     evidence = weigh_evidence(histogram, [trigger.size for trigger in triggers], labels=labels)
     return TargetSearch(evidence, histogram, errors, triggers, errors / (rounds * len(y)), shortlist)
-
-
-def output_count(classifier: GatedClassifier, x: torch.Tensor) -> int:
-    classifier.eval()
-    with torch.no_grad():
-        return int(classifier(x[:1]).reshape(1, -1).shape[1])
