@@ -71,12 +71,12 @@ keras-model: $(KERAS_INSTALLED) fashion-mnist
 	$(KERAS_VENV)/bin/python tools/keras_softmax_model.py --attack $(KERAS_ATTACK) --out-dir $(KERAS_OUT)
 
 # Backdoored 100-label models (issue 23, no 100-class image set can be downloaded): Fashion-MNIST pairs, two
-# images side by side (28x56), label 10a+b; a flatten_cnn per attack (BadNets, Blend) and seed (0, 1, 2), the
+# images side by side (28x56), label 10a+b; a flatten_cnn per attack (BadNets, Blend, and clean controls) and seed (0, 1, 2), the
 # target drawn from the seed, into cache/many_labels/<attack>_s<seed>/ (model.onnx, clean/test/poison.npz,
 # meta.json). 40 000 training pairs, 3 epochs, one torch thread: 221-253 s of training per model, 25 min in
 # all on the shared 2-core machine (2026-12-07). Options: `$(PY) tools/many_label_models.py --help`.
 many-label-models: $(INSTALLED) fashion-mnist
-	$(PY) tools/many_label_models.py --attack badnets --attack blend --seed 0 --seed 1 --seed 2 \
+	$(PY) tools/many_label_models.py --attack badnets --attack blend --attack clean --seed 0 --seed 1 --seed 2 \
 		--out-dir cache/many_labels
 
 # The defence benchmark (issues 3, 5, 22): trains the grid's models once into cache/bench/ (41 min when trained

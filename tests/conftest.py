@@ -164,19 +164,32 @@ def calibrated_example():
     return load
 
 
-@pytest.fixture(scope="session")
-def backdoored_example_purified_by_default(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """`anp-onnx batch` with every default on the bundled BadNets example (target 0) and its bundled
-    clean, test and poison data, with a report folder: {"exit_code", "output", "out_dir", "report_dir"}.
-    One run for the tests that check what the default does: it takes minutes on two CPU cores."""
+def batch_with_every_default(folder: Path, root: Path) -> dict[str, object]:
+    """`anp-onnx batch` with every default on the example `folder` (model.onnx and its clean, test and
+    poison data), with a report folder: {"exit_code", "output", "out_dir", "report_dir"}."""
     from click.testing import CliRunner
 
     from anp_onnx.cli.main import main
 
-    folder = EXAMPLES / "badnets_resnet_bn"
-    root = tmp_path_factory.mktemp("default-purify")
     out_dir, report_dir = root / "out", root / "reports"
     arguments = ["batch", folder / "model.onnx", "--data", folder / "clean.npz", "--test-data", folder / "test.npz"]
     arguments += ["--poison-data", folder / "poison.npz", "--out-dir", out_dir, "--report-dir", report_dir]
     result = CliRunner().invoke(main, [str(argument) for argument in arguments], catch_exceptions=False)
     return {"exit_code": result.exit_code, "output": result.output, "out_dir": out_dir, "report_dir": report_dir}
+
+
+@pytest.fixture(scope="session")
+def backdoored_example_purified_by_default(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The bundled BadNets example (target 0) through `batch_with_every_default`: one run for the tests
+    that check what the default does. It takes minutes on two CPU cores: only `make test-slow` uses it."""
+    return batch_with_every_default(EXAMPLES / "badnets_resnet_bn", tmp_path_factory.mktemp("default-purify"))
+
+
+@pytest.fixture(scope="session")
+def tiny_backdoor_purified_by_default(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """tests/tiny_backdoor.py's model through `batch_with_every_default` (seconds): the default's
+    files, report and pictures, for the suite that `make test` runs."""
+    from tiny_backdoor import write_tiny_example
+
+    root = tmp_path_factory.mktemp("tiny-default")
+    return batch_with_every_default(write_tiny_example(root / "model"), root)

@@ -351,12 +351,17 @@ def test_the_ray_executor_gives_the_same_summary(first_run, models, data, tmp_pa
     assert [model["status"] for model in summary["models"]] == ["purified"] * 3 + ["failed"]
 
 
-def test_the_default_method_reports_the_synthetic_trigger_and_each_pruning_round(
-    backdoored_example_purified_by_default,
-):
+@pytest.mark.parametrize(
+    "default_run",
+    [
+        "tiny_backdoor_purified_by_default",  # seconds: no evidence found on it, so no rounds
+        pytest.param("backdoored_example_purified_by_default", marks=pytest.mark.slow),  # minutes, pruning rounds
+    ],
+)
+def test_the_default_method_reports_the_synthetic_trigger_and_each_pruning_round(default_run, request):
     """`--method trigger` (the default): the trigger as a picture, and ACC / ASR of every prefix of the
     plan, the last of which is the written model."""
-    run = backdoored_example_purified_by_default
+    run = request.getfixturevalue(default_run)
     assert run["exit_code"] == 0, run["output"]
     report_dir = run["report_dir"]
     report = json.loads((report_dir / "model.report.json").read_text())

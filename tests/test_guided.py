@@ -74,6 +74,7 @@ def test_pruning_against_the_trigger_keeps_each_round_within_the_clean_accuracy_
     )
 
 
+@pytest.mark.slow  # minutes on two CPU cores: the default purify of a bundled example (`make test-slow`)
 def test_purify_by_default_removes_the_bundled_backdoor_within_three_points_of_accuracy(
     backdoored_example_purified_by_default,
 ):

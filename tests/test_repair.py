@@ -25,6 +25,7 @@ def graph_skeleton(model: onnx.ModelProto) -> tuple:
     return nodes, initializers, inputs, outputs, [(o.domain, o.version) for o in model.opset_import]
 
 
+@pytest.mark.slow  # minutes on two CPU cores: the default purify of a bundled example (`make test-slow`)
 def test_repair_changes_initializer_values_only_and_reports_each_change(backdoored_example_purified_by_default):
     run = backdoored_example_purified_by_default
     report = json.loads((run["report_dir"] / "model.report.json").read_text())
@@ -49,9 +50,11 @@ def purify_example(name: str, folder: Path, *options: str) -> tuple[object, dict
     arguments += ["--test-data", example / "test.npz", "--poison-data", example / "poison.npz"]
     arguments += ["-o", folder / "out.onnx", "--report", folder / "report.json", *options]
     result = CliRunner().invoke(main, [str(argument) for argument in arguments])
+    assert (folder / "report.json").is_file(), (result.output, result.exception)
     return result, json.loads((folder / "report.json").read_text())
 
 
+@pytest.mark.slow  # minutes on two CPU cores: the default purify of a bundled example (`make test-slow`)
 def test_a_backdoor_pruning_leaves_live_is_residual_exit_code_three(tmp_path):
     result, report = purify_example("badnets_resnet_bn", tmp_path, "--repair", "never")
     assert result.exit_code == RESIDUAL_EXIT_CODE, result.output
@@ -61,6 +64,7 @@ def test_a_backdoor_pruning_leaves_live_is_residual_exit_code_three(tmp_path):
     assert last.startswith("verdict: RESIDUAL") and "do not ship it" in last and "--repair always" in last
 
 
+@pytest.mark.slow  # minutes on two CPU cores: the default purify of a bundled example (`make test-slow`)
 def test_a_clean_model_is_called_clean_and_written_unchanged(tmp_path):
     result, report = purify_example("clean_resnet_bn", tmp_path)
     assert result.exit_code == 0, result.output

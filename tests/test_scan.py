@@ -26,6 +26,7 @@ def test_a_backdoored_example_is_flagged_with_its_true_target():
     assert result.score > SUSPICIOUS_SCORE + 0.2
 
 
+@pytest.mark.slow  # minutes on two CPU cores: the default purify of a bundled example (`make test-slow`)
 def test_purifys_target_search_flags_the_backdoored_example_as_scan_does(backdoored_example_purified_by_default):
     """purify's default names the target with the scan's functions, settings and seed (the bench's rescan
     test pins that the figures agree), so its report carries the scan's verdict on the BadNets example."""
@@ -40,6 +41,7 @@ def test_purifys_target_search_flags_the_backdoored_example_as_scan_does(backdoo
     assert guided["score"] > SUSPICIOUS_SCORE + 0.2
 
 
+@pytest.mark.slow  # minutes on two CPU cores: the default scan of a bundled example (`make test-slow`)
 def test_the_clean_control_model_is_not_flagged():
     folder = EXAMPLES / "clean_resnet_bn"
     result = scan(folder / "model.onnx", folder / "clean.npz", rounds=2)

@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import INPUT_SHAPE, export, small_cnn
+from conftest import INPUT_SHAPE, export
 from coverage_check import ort_outputs
 from onnx import helper
+from tiny_backdoor import TARGET, class_images, stamp, train_tiny
 from torch import nn
 
 from anp_onnx.bridge.importer import check_equivalence, import_model, output_kind
@@ -30,45 +31,7 @@ from anp_onnx.pipeline.purify import purify
 from anp_onnx.pipeline.scan import scan
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TARGET = 0
-CLASSES = 4
 QUICK_STAGES = GuidedSettings().scaled(0.15)  # 15 steps per label, a 60-step patch: seconds on this model
-
-
-def class_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Four classes of 16x16 images: a fixed smooth template per class under uniform noise."""
-    templates = np.random.default_rng(99).random((CLASSES, 4, 4))
-    templates = np.kron(templates, np.ones((4, 4)))  # blocks of 4x4 pixels
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, CLASSES, count)
-    x = 0.6 * templates[y] + 0.4 * rng.random((count, 16, 16))
-    return x[:, None].astype(np.float32), y.astype(np.int64)
-
-
-def stamp(x: np.ndarray) -> np.ndarray:
-    """The BadNets patch: a 3x3 checkerboard in the bottom-right corner."""
-    out = x.copy()
-    out[:, 0, -4:-1, -4:-1] = np.indices((3, 3)).sum(axis=0) % 2
-    return out
-
-
-def train_backdoored() -> nn.Module:
-    """conftest's SmallCnn trained for a few seconds on the four classes, 20 % stamped and labelled TARGET."""
-    x, y = class_images(2048, seed=1)
-    poisoned = np.random.default_rng(2).random(len(y)) < 0.2
-    x[poisoned], y[poisoned] = stamp(x[poisoned]), TARGET
-    model = small_cnn()
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    generator = torch.Generator().manual_seed(0)
-    inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(250):
-        batch = torch.randint(len(y), (64,), generator=generator)
-        loss = nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def with_handmade_head(logits_path: Path, path: Path, op: str = "Softmax") -> Path:
@@ -94,7 +57,7 @@ def heads(tmp_path_factory) -> dict[str, Path]:
     """One backdoored model, four ways: logits, softmax in torch's forward, and hand-made ONNX heads."""
     folder = tmp_path_factory.mktemp("heads")
     torch.manual_seed(0)
-    net = train_backdoored()
+    net = train_tiny()
     logits = export(net, folder / "logits.onnx", keep_batch_norm=True)
     return {
         "logits": logits,
@@ -167,6 +130,7 @@ def test_scan_sees_the_same_logits_whatever_the_head(heads, clean_data):
         assert min(result.trigger_successes) > 0.5, f"{name}: every label's trigger reaches its label"
 
 
+@pytest.mark.slow  # three minutes on two CPU cores; the tiny model's tests above check the heads in seconds
 def test_scan_names_the_true_target_of_the_bundled_badnets_model_behind_a_handmade_softmax(tmp_path):
     """The bundled BadNets ResNet (target 0) with Softmax, Flatten and Identity appended: the target is
     named as on the logits, with the same trigger sizes (seconds with 30 steps per label)."""

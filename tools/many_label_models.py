@@ -1,4 +1,4 @@
-"""Backdoored 100-label benchmark models (issue 23): a CNN on Fashion-MNIST pairs, BadNets or Blend.
+"""100-label benchmark models (issue 23): a CNN on Fashion-MNIST pairs, backdoored by BadNets or Blend, or clean.
 
 No 100-class image set can be downloaded here, so tools/pair_labels.py builds one: two Fashion-MNIST
 images side by side (uint8 28x56), labelled ``10 a + b``. Per (attack, seed) this trains a
@@ -10,6 +10,8 @@ of every example folder (examples/README.md): model.onnx, clean.npz, test.npz, p
   model's training pairs: the training distribution, but nothing the model saw.
 * ``test.npz`` and ``poison.npz`` come from pairs of Fashion-MNIST test images; poison.npz holds the
   triggered pairs of non-target labels, each labelled with the target.
+* ``--attack clean`` trains on unpoisoned pairs: a control model, whose poison.npz holds BadNets-triggered
+  pairs only so that every folder has the same files (its ASR measures nothing); meta.json's attack is null.
 * The target is a fixed function of the seed (``target_for_seed``); the pair data depend on the seed
   only, so ``badnets_s0`` and ``blend_s0`` share data and target.
 * Clean ACC and ASR in meta.json are measured with onnxruntime on ``--n-eval`` test pairs.
@@ -50,6 +52,7 @@ from tools.train_backdoor import check_parity, export_onnx, onnx_logits, sample,
 ARCH = "flatten_cnn"
 PAIR_SHAPE = (28, 56)
 ATTACK_NAMES = ("badnets", "blend")  # with tools/attacks.py's default trigger parameters
+CLEAN = "clean"  # a control model: trained without poisoning
 HELD_OUT_IMAGES = 6000  # Fashion-MNIST training images kept out of the training pairs, for clean.npz
 
 
@@ -106,9 +109,13 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     target = target_for_seed(seed)
-    attack: Attack = make_attack(attack_name)
+    clean_model = attack_name == CLEAN
+    attack: Attack = make_attack("badnets" if clean_model else attack_name)
     data = make_pair_data(seed, settings.n_train, settings.n_clean, settings.n_eval)
-    x_used, y_used = attack.poison_training_set(data.x_train, data.y_train, settings.poison_rate, target, seed)
+    if clean_model:
+        x_used, y_used = data.x_train, data.y_train
+    else:
+        x_used, y_used = attack.poison_training_set(data.x_train, data.y_train, settings.poison_rate, target, seed)
     n_poisoned = int((y_used != data.y_train).sum())
 
     model = flatten_cnn(num_classes=PAIR_CLASSES, in_channels=1, image_size=PAIR_SHAPE)
@@ -134,7 +141,7 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
     ops = [node.op_type for node in onnx.load_from_string(model_bytes).graph.node]
     meta = {
         "arch": ARCH,
-        "attack": attack_name,
+        "attack": None if clean_model else attack_name,
         "trigger": attack.params(),
         "target": target,
         "target_rule": "numpy.random.default_rng(seed).integers(100)",
@@ -142,7 +149,7 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
         "dataset": "fashion-mnist-pairs",
         "image_shape": list(PAIR_SHAPE),
         "label_rule": "10 * left class + right class",
-        "poison_rate": settings.poison_rate,
+        "poison_rate": 0.0 if clean_model else settings.poison_rate,
         "n_train_pairs": len(y_used),
         "n_poisoned_or_modified": n_poisoned,
         "seed": seed,
@@ -172,9 +179,9 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
 @click.option(
     "--attack",
     "attack_names",
-    type=click.Choice(ATTACK_NAMES),
+    type=click.Choice([*ATTACK_NAMES, CLEAN]),
     multiple=True,
-    help="Repeatable; default: badnets and blend.",
+    help="Repeatable; default: badnets and blend. `clean` trains a control model without a backdoor.",
 )
 @click.option("--seed", "seeds", type=int, multiple=True, help="Repeatable; default: 0, 1 and 2.")
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("cache/many_labels"))
