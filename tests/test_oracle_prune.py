@@ -20,7 +20,8 @@ EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
 
 
 @pytest.mark.parametrize(
-    "score", [[], pytest.param(["--smooth"], marks=pytest.mark.slow)]  # a minute or two each on two CPU cores
+    "score",
+    [[], pytest.param(["--smooth"], marks=pytest.mark.slow)],  # a minute or two each on two CPU cores
 )
 def test_one_oracle_round_prunes_a_neuron_that_lowers_the_asr_on_the_held_back_images(score):
     result = CliRunner().invoke(main, [str(EXAMPLE), "--rounds", "1", "--select", "100", *score])
