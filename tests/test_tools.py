@@ -355,3 +355,17 @@ def test_train_backdoor_writes_a_complete_example(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(["logits"], {"input": poison["x"][:, None].astype(np.float32) / 255})[0]
     assert (logits.argmax(1) == 3).mean() > 0.5
+
+
+def test_many_label_evidence_takes_each_median_over_all_searched_labels_and_over_the_references() -> None:
+    from tools.many_label_evidence import figures
+
+    row = {"share": 0.2, "labels": [7, 3, 1, 2, 5], "suspects": 2, "sizes": [10.0, 30.0, 40.0, 50.0, 60.0]}
+    row |= {"suspected_target": 7, "refined_size": 5.0}
+    assert figures(row) == {
+        "share": 0.2,
+        "size_ratio_all": 0.25,  # 10 over the median of all five, 40
+        "refined_ratio_all": 0.125,
+        "size_ratio_references": 0.2,  # over the median of the three references (1, 2, 5), 50
+        "refined_ratio_references": 0.1,
+    }

@@ -255,7 +255,14 @@ def markdown(results: dict[str, object]) -> str:
             f"| {row['verdict']} |"
         )
     lines += ["", *results.get("notes", []), ""]
+    lines += [MANY_LABELS_POINTER, ""]
     return "\n".join(lines)
+
+
+MANY_LABELS_POINTER = (
+    "The many-label benchmark (100-label Fashion-MNIST pair models: hit rate and backdoor evidence, clean "
+    "controls): docs/MANY_LABELS.md."
+)
 
 
 @click.command()
