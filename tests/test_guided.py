@@ -42,6 +42,7 @@ def test_the_backdoor_target_is_reached_with_a_smaller_trigger_than_another_labe
     assert to_target.size < 0.5 * to_other.size
 
 
+@pytest.mark.slow  # 89 s on two CPU cores (two 200-step blends on the VGG); make bench's Blend cells run the gate
 def test_a_blend_trigger_stands_out_where_the_backdoor_is_blended_in(calibrated_example):
     """The gate that decides whether purify prunes against the blend: the target's opacity against
     another label's (purify takes the label of median patch size). On the BadNets model the gate stays
