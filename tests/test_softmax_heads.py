@@ -56,7 +56,6 @@ def with_handmade_head(logits_path: Path, path: Path, op: str = "Softmax") -> Pa
 def heads(tmp_path_factory) -> dict[str, Path]:
     """One backdoored model, four ways: logits, softmax in torch's forward, and hand-made ONNX heads."""
     folder = tmp_path_factory.mktemp("heads")
-    torch.manual_seed(0)
     net = train_tiny()
     logits = export(net, folder / "logits.onnx", keep_batch_norm=True)
     return {

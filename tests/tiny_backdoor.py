@@ -1,8 +1,10 @@
 """A tiny real backdoored model for the end-to-end tests: conftest's SmallCnn trained for seconds on four
 classes of 16x16 template images, 20 % of them stamped with a 3x3 BadNets checkerboard and labelled
-TARGET; and the same recipe without poisoning, a clean control. Written as an example folder (model.onnx,
-clean.npz, test.npz, poison.npz) so that purify and batch run on it with every default in seconds, where
-the bundled examples take minutes (their default runs are `make test-slow`'s)."""
+TARGET. Written as an example folder (model.onnx, clean.npz, test.npz, poison.npz), purify and batch run
+on it with every default in seconds, where the bundled examples take minutes (their default runs are
+`make test-slow`'s). Every label of it is reached by a patch of 41-49 of its 256 pixels, so the target
+search finds no evidence on it (measured: score 0.13, verdict clean with the backdoor live, a limit of the
+detector on a model this small): it checks the plumbing of the default, not that the backdoor goes."""
 
 from __future__ import annotations
 
@@ -34,13 +36,12 @@ def stamp(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def train_tiny(poison_share: float = 0.2) -> nn.Module:
-    """conftest's SmallCnn trained for a few seconds on the four classes, `poison_share` of them stamped
-    and labelled TARGET."""
+def train_tiny() -> nn.Module:
+    """conftest's SmallCnn trained for a few seconds on the four classes, a fifth of them stamped and
+    labelled TARGET."""
     x, y = class_images(2048, seed=1)
-    poisoned = np.random.default_rng(2).random(len(y)) < poison_share
+    poisoned = np.random.default_rng(2).random(len(y)) < 0.2
     x[poisoned], y[poisoned] = stamp(x[poisoned]), TARGET
-    torch.manual_seed(0)
     model = small_cnn()
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -55,11 +56,11 @@ def train_tiny(poison_share: float = 0.2) -> nn.Module:
     return model.eval()
 
 
-def write_tiny_example(folder: Path, poison_share: float = 0.2) -> Path:
+def write_tiny_example(folder: Path) -> Path:
     """The tiny model (BatchNorm kept) and its data files in `folder`: 256 clean, 512 test, and the test
     images of other labels stamped, labelled TARGET, as poison.npz."""
     folder.mkdir(parents=True, exist_ok=True)
-    export(train_tiny(poison_share), folder / "model.onnx", keep_batch_norm=True)
+    export(train_tiny(), folder / "model.onnx", keep_batch_norm=True)
     for name, (count, seed) in {"clean": (256, 3), "test": (512, 4)}.items():
         x, y = class_images(count, seed)
         np.savez(folder / f"{name}.npz", x=x, y=y)
