@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 from tools.architectures import ARCHITECTURES, build  # noqa: E402
 from tools.attacks import SIG, BadNets, Blend, FTrojan, WaNet, _dct_matrix, make_attack  # noqa: E402
 from tools.datasets import FASHION_MNIST_ROOT  # noqa: E402
+from tools.many_label_models import PairData, relabelled, target_for_seed  # noqa: E402
 from tools.pair_labels import pair_images  # noqa: E402
 from tools.scale_models import make_scale_example  # noqa: E402
 from tools.train_backdoor import export_onnx, parse_trigger  # noqa: E402
@@ -294,6 +295,18 @@ def test_pairs_put_an_image_of_class_a_left_and_of_class_b_right_of_label_10a_pl
     np.testing.assert_array_equal(y[left], yp // 10)
     np.testing.assert_array_equal(y[right], yp % 10)
     assert (np.bincount(yp, minlength=100) == 3).all()  # every label, equally often
+
+
+def test_ten_label_pairs_keep_the_images_and_label_by_the_left_class_with_the_targets_tens_digit() -> None:
+    x, y = pair_images(random_images(50), labels(50), count=200, rng=np.random.default_rng(0))
+    data = PairData(x, y, x[:20], y[:20], x[20:], y[20:])
+    ten = relabelled(data, 10)
+    assert ten.x_train is data.x_train and ten.x_test is data.x_test
+    np.testing.assert_array_equal(ten.y_train, y // 10)
+    np.testing.assert_array_equal(ten.y_test, y[20:] // 10)
+    assert relabelled(data, 100) is data
+    for seed in range(5):
+        assert target_for_seed(seed, 10) == target_for_seed(seed) // 10
 
 
 # ----------------------------------------------------------------- untrained scale models

@@ -12,8 +12,15 @@ resident memory (the child's own, `os.wait4`) are measured:
   defaults take hours at 224) and `--large-images` clean images. The time estimate purify prints after
   its first steps is recorded beside the measured time.
 
-Models come from tools/scale_models.py (random weights, BatchNorm statistics from the images, labels the
-network's own predictions: cost does not depend on training); they are made once into cache/scale/. The
+- pairs: purify at equal evidence, 10 against 100 labels: the BadNets Fashion-MNIST pair model of seed 0
+  (tools/many_label_models.py) with its 100-label head and with a 10-label one (`--labels 10`: the same
+  pairs labelled by the left image), at `--pairs-effort`. On the untrained models of the labels curve the
+  label search finds backdoor evidence at some label counts and not at others, so purify's later stages
+  run on some and not on others; these two models both carry a live backdoor.
+
+The labels and size curves' models come from tools/scale_models.py (random weights, BatchNorm statistics
+from the images, labels the network's own predictions: cost does not depend on training); they are made
+once into cache/scale/. The
 labels curve is fitted as time = a * labels^b (b: the slope on log-log axes) and time = c + d * labels.
 Writes the markdown page, docs/scaling.json and docs/scaling.png.
 """
@@ -37,6 +44,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 ANP = str(Path(sys.executable).parent / "anp-onnx")
 CACHE = ROOT / "cache" / "scale"
+CURVES = ("labels", "size", "pairs")
+PAIRS = ROOT / "cache" / "many_labels"  # tools/many_label_models.py: BadNets seed 0, 10- and 100-label heads
+PAIR_LABELS = (10, 100)
 ESTIMATE = re.compile(r"about (.+?) left \((\d+) steps at ([0-9.]+) s each")
 
 
@@ -77,12 +87,17 @@ class Case:
 
     @property
     def folder(self) -> Path:
+        if self.curve == "pairs":
+            return PAIRS / ("badnets_s0" if self.labels == 100 else f"badnets_s0_l{self.labels}")
         return CACHE / f"{self.arch}_{self.size}px_{self.labels}labels_{self.images}"
 
 
 def make_folder(case: Case) -> Path:
     """The case's model and data (tools/scale_models.py), made once."""
-    if not (case.folder / "model.onnx").exists():
+    if case.curve == "pairs" and not (case.folder / "model.onnx").exists():
+        command = [sys.executable, str(ROOT / "tools" / "many_label_models.py"), "--attack", "badnets", "--seed", "0"]
+        subprocess.run([*command, "--labels", str(case.labels), "--out-dir", str(PAIRS)], check=True, cwd=ROOT)
+    elif not (case.folder / "model.onnx").exists():
         command = [sys.executable, str(ROOT / "tools" / "scale_models.py"), "--arch", case.arch]
         command += ["--labels", str(case.labels), "--size", str(case.size), "--images", str(case.images)]
         subprocess.run([*command, "--out-dir", str(case.folder)], check=True, cwd=ROOT)
@@ -97,6 +112,8 @@ def measure_case(case: Case, work: Path) -> dict[str, object]:
     scan = measure([ANP, "scan", model, "--data", data, "--trigger-steps", str(scan_steps), "--json"])
     report = work / f"{folder.name}.report.json"
     purify_command = [ANP, "purify", model, "--data", data, "-o", str(work / f"{folder.name}.onnx"), "--force"]
+    if (folder / "poison.npz").exists():
+        purify_command += ["--test-data", str(folder / "test.npz"), "--poison-data", str(folder / "poison.npz")]
     purify = measure([*purify_command, "--report", str(report), "--effort", str(case.effort)])
     for name, run in (("scan", scan), ("purify", purify)):
         if run.returncode not in (0, 3):
@@ -114,8 +131,13 @@ def measure_case(case: Case, work: Path) -> dict[str, object]:
         "purify_estimate": estimate.group(1) if estimate else None,
         "purify_estimate_seconds": _estimated_seconds(estimate),
         "labels_searched": len(scanned["trigger_labels"]),
+        "scan_target": scanned["suspected_target"],
+        "purify_target": guided.get("suspected_target"),
+        "true_target": json.loads((folder / "meta.json").read_text()).get("target"),
         "scan_suspicious": scanned["suspicious"],
         "verdict": (purified.get("verdict") or {}).get("name"),
+        "acc_before_after": [purified["before"]["acc"], purified["after"]["acc"]],
+        "asr_before_after": [purified["before"]["asr"], purified["after"]["asr"]],
         "backdoor_evidence": guided.get("backdoor_evidence"),
         "stage_seconds": guided.get("stage_seconds"),
         "timings": purified.get("timings_s"),
@@ -153,7 +175,12 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores{gpu}"
 
 
-def plot(labels_rows: list[dict[str, object]], size_rows: list[dict[str, object]], path: Path) -> None:
+def plot(
+    labels_rows: list[dict[str, object]],
+    size_rows: list[dict[str, object]],
+    path: Path,
+    pair_rows: list[dict[str, object]] | None = None,
+) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -162,6 +189,13 @@ def plot(labels_rows: list[dict[str, object]], size_rows: list[dict[str, object]
     labels = [row["labels"] for row in labels_rows]
     for key, name in (("scan_seconds", "scan"), ("purify_seconds", "purify")):
         left.plot(labels, [row[key] for row in labels_rows], marker="o", label=name)
+    if pair_rows:
+        left.plot(
+            [row["labels"] for row in pair_rows],
+            [row["purify_seconds"] for row in pair_rows],
+            marker="^",
+            label=f"purify, pair models with a backdoor (effort {pair_rows[0]['effort']})",
+        )
     base = next(row["scan_seconds"] for row in labels_rows if row["labels"] == 10)
     left.plot(
         labels,
@@ -254,9 +288,44 @@ def markdown(results: dict[str, object]) -> str:
             f"| {row['purify_peak_rss_mib']} | {row['purify_estimate'] or '(under 2 min: none printed)'} "
             f"| {row['verdict']} |"
         )
+    lines += pairs_section(results.get("pairs", []))
     lines += ["", *results.get("notes", []), ""]
     lines += [MANY_LABELS_POINTER, ""]
     return "\n".join(lines)
+
+
+def pairs_section(rows: list[dict[str, object]]) -> list[str]:
+    """The equal-evidence comparison: one network, one backdoor, a 10- and a 100-label head."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## purify at equal evidence: 10 and 100 labels (Fashion-MNIST pairs, BadNets, effort {rows[0]['effort']})",
+        "",
+        "The same flatten_cnn on the same 28x56 pairs and trigger, labelled by the left image's class (10 labels) "
+        "or 10 a + b (100): tools/many_label_models.py `--labels`. Both carry a live backdoor, so purify should "
+        "meet backdoor evidence on both; the stage seconds say which stages ran (repair: the repair stage).",
+        "",
+        "| labels | labels searched | target (named by scan / purify) | scan s | scan x10 labels | purify s "
+        "| purify x10 labels | purify peak MiB | stage seconds | verdict | ACC before -> after | ASR before -> after |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    scan_ratio, purify_ratio = ratios(rows, "scan_seconds"), ratios(rows, "purify_seconds")
+    for row in rows:
+        acc, asr = row.get("acc_before_after") or [None, None], row.get("asr_before_after") or [None, None]
+        ran = {**(row["stage_seconds"] or {}), "repair": (row["timings"] or {}).get("repair", 0.0)}
+        stages = ", ".join(f"{name} {seconds:.0f}" for name, seconds in ran.items() if seconds)
+        lines.append(
+            f"| {row['labels']} | {row['labels_searched']} | {row['true_target']} ({row['scan_target']} / "
+            f"{row['purify_target']}) | {row['scan_seconds']} | {scan_ratio[row['labels']]} | {row['purify_seconds']} "
+            f"| {purify_ratio[row['labels']]} | {row['purify_peak_rss_mib']} | {stages} | {row['verdict']} "
+            f"| {percent(acc[0])} -> {percent(acc[1])} | {percent(asr[0])} -> {percent(asr[1])} |"
+        )
+    return lines
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 MANY_LABELS_POINTER = (
@@ -272,11 +341,19 @@ MANY_LABELS_POINTER = (
 @click.option("--labels-effort", type=float, default=1.0, show_default=True, help="--effort of the labels curve.")
 @click.option("--large-effort", type=float, default=0.02, show_default=True, help="--effort of the size curve.")
 @click.option("--large-images", type=int, default=128, show_default=True, help="Clean images of the size curve.")
+@click.option("--pairs-effort", type=float, default=1.0, show_default=True, help="--effort of the pair models.")
 @click.option("--out", type=click.Path(path_type=Path), default=ROOT / "docs" / "SCALING.md", show_default=True)
+@click.option(
+    "--curve",
+    "curves",
+    type=click.Choice(CURVES),
+    multiple=True,
+    help="Measure only these curves [all three; none with --from-rows].",
+)
 @click.option(
     "--from-rows",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    help="Write the page from the rows a cut-short run measured (out/bench_scale/rows.jsonl), measuring nothing.",
+    help="Rows measured earlier (out/bench_scale/rows.jsonl) for the curves this run does not measure.",
 )
 def main(
     label_counts: tuple[int, ...],
@@ -285,7 +362,9 @@ def main(
     labels_effort: float,
     large_effort: float,
     large_images: int,
+    pairs_effort: float,
     out: Path,
+    curves: tuple[str, ...],
     from_rows: Path | None,
 ) -> None:
     """Scan and purify time and peak memory against labels and input size; writes SCALING.md."""
@@ -295,15 +374,17 @@ def main(
     labels_cases = [Case("labels", "small_resnet", count, 28, 500, labels_effort) for count in label_counts]
     size_cases = [Case("size", arch, 10, size, large_images, large_effort) for arch in archs for size in sizes]
     size_cases += [Case("size", arch, 1000, max(sizes), large_images, large_effort) for arch in archs]
+    pair_cases = [Case("pairs", "flatten_cnn", count, 56, 500, pairs_effort) for count in PAIR_LABELS]
     results: dict[str, object] = {
         "command": " ".join(["tools/bench_scale.py", *sys.argv[1:]]).strip(),
         "machine": machine(),
         "started": started,
     }
-    measured = [json.loads(line) for line in from_rows.read_text().splitlines()] if from_rows else None
-    for curve, cases in (("labels", labels_cases), ("size", size_cases)):
-        if measured is not None:
-            results[curve] = [row for row in measured if row["curve"] == curve]
+    earlier = [json.loads(line) for line in from_rows.read_text().splitlines()] if from_rows else []
+    curves = curves or (() if from_rows else CURVES)
+    for curve, cases in (("pairs", pair_cases), ("size", size_cases), ("labels", labels_cases)):
+        if curve not in curves:
+            results[curve] = [row for row in earlier if row["curve"] == curve]
             continue
         rows = []
         for case in cases:
@@ -317,10 +398,12 @@ def main(
                 err=True,
             )
         results[curve] = rows
+    if len(results["labels"]) < 2:
+        raise click.ClickException("the page needs the labels curve: measure it, or give its rows with --from-rows")
     results["fits"] = {name: fits(results["labels"], f"{name}_seconds") for name in ("scan", "purify")}
-    results["minutes"] = round((time.monotonic() - clock) / 60, 1) if measured is None else "(cut short: see notes)"
+    results["minutes"] = round((time.monotonic() - clock) / 60, 1) if curves else "(measured earlier: see notes)"
     (out.parent / "scaling.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results["labels"], results["size"], out.parent / "scaling.png")
+    plot(results["labels"], results["size"], out.parent / "scaling.png", results["pairs"])
     out.write_text(markdown(results))
     click.echo(f"wrote {out}, {out.parent / 'scaling.json'}, {out.parent / 'scaling.png'}", err=True)
 

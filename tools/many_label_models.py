@@ -15,6 +15,10 @@ of every example folder (examples/README.md): model.onnx, clean.npz, test.npz, p
 * The target is a fixed function of the seed (``target_for_seed``); the pair data depend on the seed
   only, so ``badnets_s0`` and ``blend_s0`` share data and target.
 * Clean ACC and ASR in meta.json are measured with onnxruntime on ``--n-eval`` test pairs.
+* ``--labels 10`` labels the same pairs by the left image's class alone (the tens digit) and the target is
+  the tens digit of the seed's target: the same network, inputs and trigger with a 10-label head, so that
+  what a defence costs at 10 and at 100 labels can be compared on equal evidence (docs/SCALING.md). Its
+  folder is ``<attack>_s<seed>_l10``.
 
 Example (``make many-label-models`` runs every attack and seed)::
 
@@ -68,9 +72,20 @@ class PairData:
     y_test: np.ndarray
 
 
-def target_for_seed(seed: int) -> int:
-    """The attacker's target label of a seed: drawn among the 100 labels by the seed's own generator."""
-    return int(np.random.default_rng(seed).integers(PAIR_CLASSES))
+def target_for_seed(seed: int, labels: int = PAIR_CLASSES) -> int:
+    """The attacker's target label of a seed: drawn among the 100 labels by the seed's own generator; with
+    10 labels (the left image's class), its tens digit."""
+    return int(np.random.default_rng(seed).integers(PAIR_CLASSES)) // (PAIR_CLASSES // labels)
+
+
+def relabelled(data: PairData, labels: int) -> PairData:
+    """The pairs with ``labels`` labels: all 100, or the left image's class alone (10)."""
+    if labels == PAIR_CLASSES:
+        return data
+    tens = PAIR_CLASSES // labels
+    return PairData(
+        data.x_train, data.y_train // tens, data.x_clean, data.y_clean // tens, data.x_test, data.y_test // tens
+    )
 
 
 def make_pair_data(seed: int, n_train: int, n_clean: int, n_eval: int) -> PairData:
@@ -102,23 +117,24 @@ class Settings:
     n_poison: int
     export: str
     threads: int
+    labels: int = PAIR_CLASSES
 
 
 def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) -> dict[str, object]:
     """Train, export and measure one backdoored model; write its folder and return its meta.json."""
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    target = target_for_seed(seed)
+    target = target_for_seed(seed, settings.labels)
     clean_model = attack_name == CLEAN
     attack: Attack = make_attack("badnets" if clean_model else attack_name)
-    data = make_pair_data(seed, settings.n_train, settings.n_clean, settings.n_eval)
+    data = relabelled(make_pair_data(seed, settings.n_train, settings.n_clean, settings.n_eval), settings.labels)
     if clean_model:
         x_used, y_used = data.x_train, data.y_train
     else:
         x_used, y_used = attack.poison_training_set(data.x_train, data.y_train, settings.poison_rate, target, seed)
     n_poisoned = int((y_used != data.y_train).sum())
 
-    model = flatten_cnn(num_classes=PAIR_CLASSES, in_channels=1, image_size=PAIR_SHAPE)
+    model = flatten_cnn(num_classes=settings.labels, in_channels=1, image_size=PAIR_SHAPE)
     click.echo(f"== {attack_name}_s{seed}: {ARCH} on {len(y_used)} pairs, target {target}, {n_poisoned} poisoned")
     started = time.perf_counter()
     train(model, x_used, y_used, settings.epochs, settings.batch_size, settings.lr, seed, device, False)
@@ -135,7 +151,7 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
     rng = np.random.default_rng([seed, 2])
     test_idx = sample(rng, np.arange(len(data.y_test)), settings.n_test)
     poison_idx = sample(rng, np.arange(len(victims)), settings.n_poison)
-    folder = out_dir / f"{attack_name}_s{seed}"
+    folder = out_dir / (f"{attack_name}_s{seed}" + ("" if settings.labels == PAIR_CLASSES else f"_l{settings.labels}"))
     test = (data.x_test[test_idx], data.y_test[test_idx])
     write_example(folder, model_bytes, (data.x_clean, data.y_clean), test, x_triggered[poison_idx], target)
     ops = [node.op_type for node in onnx.load_from_string(model_bytes).graph.node]
@@ -144,11 +160,12 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
         "attack": None if clean_model else attack_name,
         "trigger": attack.params(),
         "target": target,
-        "target_rule": "numpy.random.default_rng(seed).integers(100)",
-        "num_classes": PAIR_CLASSES,
+        "target_rule": "numpy.random.default_rng(seed).integers(100)"
+        + ("" if settings.labels == PAIR_CLASSES else " // 10"),
+        "num_classes": settings.labels,
         "dataset": "fashion-mnist-pairs",
         "image_shape": list(PAIR_SHAPE),
-        "label_rule": "10 * left class + right class",
+        "label_rule": "10 * left class + right class" if settings.labels == PAIR_CLASSES else "left class",
         "poison_rate": 0.0 if clean_model else settings.poison_rate,
         "n_train_pairs": len(y_used),
         "n_poisoned_or_modified": n_poisoned,
@@ -196,6 +213,13 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
 @click.option("--n-poison", type=int, default=2000, show_default=True, help="Triggered pairs kept in poison.npz.")
 @click.option("--export", type=click.Choice(["folded", "bn"]), default="bn", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch.")
+@click.option(
+    "--labels",
+    type=click.Choice(["100", "10"]),
+    default="100",
+    show_default=True,
+    help="100: 10 a + b; 10: the left image's class (same pairs, network and trigger).",
+)
 def main(
     attack_names: tuple[str, ...],
     seeds: tuple[int, ...],
@@ -211,12 +235,13 @@ def main(
     n_poison: int,
     export: str,
     threads: int,
+    labels: str,
 ) -> None:
     """Train one backdoored 100-label pair model per (attack, seed) into OUT_DIR/<attack>_s<seed>/."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     settings = Settings(
-        epochs, n_train, poison_rate, batch_size, lr, n_clean, n_eval, n_test, n_poison, export, threads
+        epochs, n_train, poison_rate, batch_size, lr, n_clean, n_eval, n_test, n_poison, export, threads, int(labels)
     )
     summary = []
     for attack_name in attack_names or ATTACK_NAMES:
