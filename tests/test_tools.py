@@ -20,8 +20,8 @@ if str(ROOT) not in sys.path:
 from tools.architectures import ARCHITECTURES, build  # noqa: E402
 from tools.attacks import SIG, BadNets, Blend, FTrojan, WaNet, _dct_matrix, make_attack  # noqa: E402
 from tools.datasets import FASHION_MNIST_ROOT  # noqa: E402
-from tools.many_label_models import PairData, relabelled, target_for_seed  # noqa: E402
-from tools.pair_labels import pair_images  # noqa: E402
+from tools.many_label_models import PairData, folder_name, relabelled, target_for_seed  # noqa: E402
+from tools.pair_labels import pair_images, row_images  # noqa: E402
 from tools.scale_models import make_scale_example  # noqa: E402
 from tools.train_backdoor import export_onnx, parse_trigger  # noqa: E402
 
@@ -307,6 +307,22 @@ def test_ten_label_pairs_keep_the_images_and_label_by_the_left_class_with_the_ta
     assert relabelled(data, 100) is data
     for seed in range(5):
         assert target_for_seed(seed, 10) == target_for_seed(seed) // 10
+
+
+def test_triples_read_their_three_classes_as_the_digits_of_a_1000_label_number() -> None:
+    y = labels(50)
+    x = np.broadcast_to(np.arange(50, dtype=np.uint8)[:, None, None], (50, 28, 28)).copy()  # pixel = index
+    xt, yt = row_images(x, y, count=2000, rng=np.random.default_rng(0), width=3)
+    assert xt.shape == (2000, 28, 84)
+    which = [xt[:, 0, 28 * place].astype(int) for place in range(3)]
+    np.testing.assert_array_equal(y[which[0]] * 100 + y[which[1]] * 10 + y[which[2]], yt)
+    assert (np.bincount(yt, minlength=1000) == 2).all()
+    ten = relabelled(PairData(xt, yt, xt, yt, xt, yt), 10, width=3)
+    np.testing.assert_array_equal(ten.y_train, y[which[0]])
+    assert target_for_seed(0, 10, width=3) == target_for_seed(0, 1000, width=3) // 100
+    assert folder_name("badnets", 0, 1000, 3) == "triples_badnets_s0_l1000"
+    assert folder_name("badnets", 0, 100, 2) == "badnets_s0"
+    assert folder_name("badnets", 0, 10, 2) == "badnets_s0_l10"
 
 
 # ----------------------------------------------------------------- untrained scale models

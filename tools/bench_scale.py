@@ -42,11 +42,16 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.many_label_models import folder_name  # noqa: E402
+
 ANP = str(Path(sys.executable).parent / "anp-onnx")
 CACHE = ROOT / "cache" / "scale"
 CURVES = ("labels", "size", "pairs")
-PAIRS = ROOT / "cache" / "many_labels"  # tools/many_label_models.py: BadNets seed 0, 10- and 100-label heads
-PAIR_LABELS = (10, 100)
+PAIRS = ROOT / "cache" / "many_labels"  # tools/many_label_models.py: BadNets seed 0
+ROWS_OF_IMAGES = ((2, 10), (2, 100), (3, 10), (3, 1000))  # (images in a row, labels): pairs, then triples
 ESTIMATE = re.compile(r"about (.+?) left \((\d+) steps at ([0-9.]+) s each")
 
 
@@ -86,9 +91,14 @@ class Case:
     effort: float
 
     @property
+    def images_in_row(self) -> int:
+        """Of the pairs curve: the Fashion-MNIST images side by side in one input (its width over 28)."""
+        return self.size // 28
+
+    @property
     def folder(self) -> Path:
         if self.curve == "pairs":
-            return PAIRS / ("badnets_s0" if self.labels == 100 else f"badnets_s0_l{self.labels}")
+            return PAIRS / folder_name("badnets", 0, self.labels, self.images_in_row)
         return CACHE / f"{self.arch}_{self.size}px_{self.labels}labels_{self.images}"
 
 
@@ -96,7 +106,8 @@ def make_folder(case: Case) -> Path:
     """The case's model and data (tools/scale_models.py), made once."""
     if case.curve == "pairs" and not (case.folder / "model.onnx").exists():
         command = [sys.executable, str(ROOT / "tools" / "many_label_models.py"), "--attack", "badnets", "--seed", "0"]
-        subprocess.run([*command, "--labels", str(case.labels), "--out-dir", str(PAIRS)], check=True, cwd=ROOT)
+        command += ["--width", str(case.images_in_row), "--labels", str(case.labels)]
+        subprocess.run([*command, "--out-dir", str(PAIRS)], check=True, cwd=ROOT)
     elif not (case.folder / "model.onnx").exists():
         command = [sys.executable, str(ROOT / "tools" / "scale_models.py"), "--arch", case.arch]
         command += ["--labels", str(case.labels), "--size", str(case.size), "--images", str(case.images)]
@@ -189,12 +200,13 @@ def plot(
     labels = [row["labels"] for row in labels_rows]
     for key, name in (("scan_seconds", "scan"), ("purify_seconds", "purify")):
         left.plot(labels, [row[key] for row in labels_rows], marker="o", label=name)
-    if pair_rows:
+    for size in sorted({row["size"] for row in pair_rows or []}):
+        same_width = [row for row in pair_rows if row["size"] == size]
         left.plot(
-            [row["labels"] for row in pair_rows],
-            [row["purify_seconds"] for row in pair_rows],
+            [row["labels"] for row in same_width],
+            [row["purify_seconds"] for row in same_width],
             marker="^",
-            label=f"purify, pair models with a backdoor (effort {pair_rows[0]['effort']})",
+            label=f"purify, 28x{size} rows with a backdoor (effort {same_width[0]['effort']})",
         )
     base = next(row["scan_seconds"] for row in labels_rows if row["labels"] == 10)
     left.plot(
@@ -295,32 +307,39 @@ def markdown(results: dict[str, object]) -> str:
 
 
 def pairs_section(rows: list[dict[str, object]]) -> list[str]:
-    """The equal-evidence comparison: one network, one backdoor, a 10- and a 100-label head."""
+    """The equal-evidence comparison: one network and backdoor per row width, a 10-label head beside the
+    100-label one (pairs) or the 1,000-label one (triples)."""
     if not rows:
         return []
     lines = [
         "",
-        f"## purify at equal evidence: 10 and 100 labels (Fashion-MNIST pairs, BadNets, effort {rows[0]['effort']})",
+        f"## purify at equal evidence: 10, 100 and 1,000 labels (Fashion-MNIST rows, BadNets, effort "
+        f"{rows[0]['effort']})",
         "",
-        "The same flatten_cnn on the same 28x56 pairs and trigger, labelled by the left image's class (10 labels) "
-        "or 10 a + b (100): tools/many_label_models.py `--labels`. Both carry a live backdoor, so purify should "
-        "meet backdoor evidence on both; the stage seconds say which stages ran (repair: the repair stage).",
+        "Per width, the same flatten_cnn on the same rows of images and the same trigger: pairs (28x56) labelled "
+        "10 a + b (100 labels) or by the left image alone (10), triples (28x84) labelled 100 a + 10 b + c (1,000) "
+        "or by the left image alone (10): tools/many_label_models.py `--width` and `--labels`. Each carries a live "
+        "backdoor, so purify should meet backdoor evidence on each; the stage seconds say which stages ran "
+        "(repair: the repair stage). The ratios are to the 10-label model of the same width.",
         "",
-        "| labels | labels searched | target (named by scan / purify) | scan s | scan x10 labels | purify s "
+        "| input | labels | labels searched | target (named by scan / purify) | scan s | scan x10 labels | purify s "
         "| purify x10 labels | purify peak MiB | stage seconds | verdict | ACC before -> after | ASR before -> after |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|",
     ]
-    scan_ratio, purify_ratio = ratios(rows, "scan_seconds"), ratios(rows, "purify_seconds")
-    for row in rows:
-        acc, asr = row.get("acc_before_after") or [None, None], row.get("asr_before_after") or [None, None]
-        ran = {**(row["stage_seconds"] or {}), "repair": (row["timings"] or {}).get("repair", 0.0)}
-        stages = ", ".join(f"{name} {seconds:.0f}" for name, seconds in ran.items() if seconds)
-        lines.append(
-            f"| {row['labels']} | {row['labels_searched']} | {row['true_target']} ({row['scan_target']} / "
-            f"{row['purify_target']}) | {row['scan_seconds']} | {scan_ratio[row['labels']]} | {row['purify_seconds']} "
-            f"| {purify_ratio[row['labels']]} | {row['purify_peak_rss_mib']} | {stages} | {row['verdict']} "
-            f"| {percent(acc[0])} -> {percent(acc[1])} | {percent(asr[0])} -> {percent(asr[1])} |"
-        )
+    for size in sorted({row["size"] for row in rows}):
+        same_width = [row for row in rows if row["size"] == size]
+        scan_ratio, purify_ratio = ratios(same_width, "scan_seconds"), ratios(same_width, "purify_seconds")
+        for row in same_width:
+            acc, asr = row.get("acc_before_after") or [None, None], row.get("asr_before_after") or [None, None]
+            ran = {**(row["stage_seconds"] or {}), "repair": (row["timings"] or {}).get("repair", 0.0)}
+            stages = ", ".join(f"{name} {seconds:.0f}" for name, seconds in ran.items() if seconds)
+            named = f"{row['true_target']} ({row['scan_target']} / {row['purify_target']})"
+            lines.append(
+                f"| 28x{size} | {row['labels']} | {row['labels_searched']} | {named} | {row['scan_seconds']} "
+                f"| {scan_ratio[row['labels']]} | {row['purify_seconds']} | {purify_ratio[row['labels']]} "
+                f"| {row['purify_peak_rss_mib']} | {stages} | {row['verdict']} "
+                f"| {percent(acc[0])} -> {percent(acc[1])} | {percent(asr[0])} -> {percent(asr[1])} |"
+            )
     return lines
 
 
@@ -374,7 +393,7 @@ def main(
     labels_cases = [Case("labels", "small_resnet", count, 28, 500, labels_effort) for count in label_counts]
     size_cases = [Case("size", arch, 10, size, large_images, large_effort) for arch in archs for size in sizes]
     size_cases += [Case("size", arch, 1000, max(sizes), large_images, large_effort) for arch in archs]
-    pair_cases = [Case("pairs", "flatten_cnn", count, 56, 500, pairs_effort) for count in PAIR_LABELS]
+    pair_cases = [Case("pairs", "flatten_cnn", count, 28 * row, 500, pairs_effort) for row, count in ROWS_OF_IMAGES]
     results: dict[str, object] = {
         "command": " ".join(["tools/bench_scale.py", *sys.argv[1:]]).strip(),
         "machine": machine(),

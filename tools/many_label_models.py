@@ -19,6 +19,8 @@ of every example folder (examples/README.md): model.onnx, clean.npz, test.npz, p
   the tens digit of the seed's target: the same network, inputs and trigger with a 10-label head, so that
   what a defence costs at 10 and at 100 labels can be compared on equal evidence (docs/SCALING.md). Its
   folder is ``<attack>_s<seed>_l10``.
+* ``--width 3`` puts three images in a row (28x84, 1,000 labels, folder ``triples_<attack>_s<seed>_l1000``);
+  with ``--labels 10`` or ``100`` the same rows are labelled by their leading digits.
 
 Example (``make many-label-models`` runs every attack and seed)::
 
@@ -50,11 +52,11 @@ from tools.architectures import flatten_cnn  # noqa: E402
 from tools.attacks import Attack, make_attack  # noqa: E402
 from tools.datasets import load_fashion_mnist  # noqa: E402
 from tools.example_files import write_example  # noqa: E402
-from tools.pair_labels import PAIR_CLASSES, pair_images  # noqa: E402
+from tools.pair_labels import BASE_CLASSES, PAIR_CLASSES, row_images  # noqa: E402
 from tools.train_backdoor import check_parity, export_onnx, onnx_logits, sample, to_input, train  # noqa: E402
 
 ARCH = "flatten_cnn"
-PAIR_SHAPE = (28, 56)
+PAIR_WIDTH = 2  # images in a row: pairs (100 labels); 3 makes triples (1,000 labels)
 ATTACK_NAMES = ("badnets", "blend")  # with tools/attacks.py's default trigger parameters
 CLEAN = "clean"  # a control model: trained without poisoning
 HELD_OUT_IMAGES = 6000  # Fashion-MNIST training images kept out of the training pairs, for clean.npz
@@ -72,23 +74,32 @@ class PairData:
     y_test: np.ndarray
 
 
-def target_for_seed(seed: int, labels: int = PAIR_CLASSES) -> int:
-    """The attacker's target label of a seed: drawn among the 100 labels by the seed's own generator; with
-    10 labels (the left image's class), its tens digit."""
-    return int(np.random.default_rng(seed).integers(PAIR_CLASSES)) // (PAIR_CLASSES // labels)
+def target_for_seed(seed: int, labels: int = PAIR_CLASSES, width: int = PAIR_WIDTH) -> int:
+    """The attacker's target label of a seed: drawn among the ``10 ** width`` labels by the seed's own
+    generator; with fewer labels (the left images' classes alone), its leading digits."""
+    every = BASE_CLASSES**width
+    return int(np.random.default_rng(seed).integers(every)) // (every // labels)
 
 
-def relabelled(data: PairData, labels: int) -> PairData:
-    """The pairs with ``labels`` labels: all 100, or the left image's class alone (10)."""
-    if labels == PAIR_CLASSES:
+def relabelled(data: PairData, labels: int, width: int = PAIR_WIDTH) -> PairData:
+    """The rows with ``labels`` labels: every ``10 ** width``, or the leading digits alone (the left images)."""
+    drop = BASE_CLASSES**width // labels
+    if drop == 1:
         return data
-    tens = PAIR_CLASSES // labels
     return PairData(
-        data.x_train, data.y_train // tens, data.x_clean, data.y_clean // tens, data.x_test, data.y_test // tens
+        data.x_train, data.y_train // drop, data.x_clean, data.y_clean // drop, data.x_test, data.y_test // drop
     )
 
 
-def make_pair_data(seed: int, n_train: int, n_clean: int, n_eval: int) -> PairData:
+def folder_name(attack_name: str, seed: int, labels: int, width: int) -> str:
+    """``<attack>_s<seed>`` for the 100-label pairs, ``_l<labels>`` after it for other labels, and a
+    ``triples_`` prefix for rows of three."""
+    prefix = "" if width == PAIR_WIDTH else "triples_"
+    suffix = "" if (width, labels) == (PAIR_WIDTH, PAIR_CLASSES) else f"_l{labels}"
+    return f"{prefix}{attack_name}_s{seed}{suffix}"
+
+
+def make_pair_data(seed: int, n_train: int, n_clean: int, n_eval: int, width: int = PAIR_WIDTH) -> PairData:
     """Pairs from disjoint image pools: training pairs and clean pairs from Fashion-MNIST's training
     split (``HELD_OUT_IMAGES`` of its images reserved for the clean pairs), test pairs from its test split."""
     rng = np.random.default_rng([seed, 1])
@@ -96,9 +107,9 @@ def make_pair_data(seed: int, n_train: int, n_clean: int, n_eval: int) -> PairDa
     x_test, y_test = load_fashion_mnist("test")
     order = rng.permutation(len(y_all))
     held_out, used = order[:HELD_OUT_IMAGES], order[HELD_OUT_IMAGES:]
-    train = pair_images(x_all[used], y_all[used], n_train, rng)
-    clean = pair_images(x_all[held_out], y_all[held_out], n_clean, rng)
-    test = pair_images(x_test, y_test, n_eval, rng)
+    train = row_images(x_all[used], y_all[used], n_train, rng, width)
+    clean = row_images(x_all[held_out], y_all[held_out], n_clean, rng, width)
+    test = row_images(x_test, y_test, n_eval, rng, width)
     return PairData(*train, *clean, *test)
 
 
@@ -118,23 +129,26 @@ class Settings:
     export: str
     threads: int
     labels: int = PAIR_CLASSES
+    width: int = PAIR_WIDTH
 
 
 def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) -> dict[str, object]:
     """Train, export and measure one backdoored model; write its folder and return its meta.json."""
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    target = target_for_seed(seed, settings.labels)
+    target = target_for_seed(seed, settings.labels, settings.width)
     clean_model = attack_name == CLEAN
     attack: Attack = make_attack("badnets" if clean_model else attack_name)
-    data = relabelled(make_pair_data(seed, settings.n_train, settings.n_clean, settings.n_eval), settings.labels)
+    data = make_pair_data(seed, settings.n_train, settings.n_clean, settings.n_eval, settings.width)
+    data = relabelled(data, settings.labels, settings.width)
+    shape = (28, 28 * settings.width)
     if clean_model:
         x_used, y_used = data.x_train, data.y_train
     else:
         x_used, y_used = attack.poison_training_set(data.x_train, data.y_train, settings.poison_rate, target, seed)
     n_poisoned = int((y_used != data.y_train).sum())
 
-    model = flatten_cnn(num_classes=settings.labels, in_channels=1, image_size=PAIR_SHAPE)
+    model = flatten_cnn(num_classes=settings.labels, in_channels=1, image_size=shape)
     click.echo(f"== {attack_name}_s{seed}: {ARCH} on {len(y_used)} pairs, target {target}, {n_poisoned} poisoned")
     started = time.perf_counter()
     train(model, x_used, y_used, settings.epochs, settings.batch_size, settings.lr, seed, device, False)
@@ -151,21 +165,23 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
     rng = np.random.default_rng([seed, 2])
     test_idx = sample(rng, np.arange(len(data.y_test)), settings.n_test)
     poison_idx = sample(rng, np.arange(len(victims)), settings.n_poison)
-    folder = out_dir / (f"{attack_name}_s{seed}" + ("" if settings.labels == PAIR_CLASSES else f"_l{settings.labels}"))
+    folder = out_dir / folder_name(attack_name, seed, settings.labels, settings.width)
     test = (data.x_test[test_idx], data.y_test[test_idx])
     write_example(folder, model_bytes, (data.x_clean, data.y_clean), test, x_triggered[poison_idx], target)
     ops = [node.op_type for node in onnx.load_from_string(model_bytes).graph.node]
+    every = BASE_CLASSES**settings.width
+    drop = every // settings.labels
     meta = {
         "arch": ARCH,
         "attack": None if clean_model else attack_name,
         "trigger": attack.params(),
         "target": target,
-        "target_rule": "numpy.random.default_rng(seed).integers(100)"
-        + ("" if settings.labels == PAIR_CLASSES else " // 10"),
+        "target_rule": f"numpy.random.default_rng(seed).integers({every})" + (f" // {drop}" if drop > 1 else ""),
         "num_classes": settings.labels,
-        "dataset": "fashion-mnist-pairs",
-        "image_shape": list(PAIR_SHAPE),
-        "label_rule": "10 * left class + right class" if settings.labels == PAIR_CLASSES else "left class",
+        "dataset": "fashion-mnist-pairs" if settings.width == PAIR_WIDTH else "fashion-mnist-triples",
+        "image_shape": list(shape),
+        "label_rule": f"the {settings.width} images' classes as the digits of a number, the left one first"
+        + (f", integer-divided by {drop}" if drop > 1 else ""),
         "poison_rate": 0.0 if clean_model else settings.poison_rate,
         "n_train_pairs": len(y_used),
         "n_poisoned_or_modified": n_poisoned,
@@ -215,10 +231,15 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
 @click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch.")
 @click.option(
     "--labels",
-    type=click.Choice(["100", "10"]),
-    default="100",
+    type=click.Choice(["10", "100", "1000"]),
+    help="[10 ** --width] Fewer: the leading digits alone, the left images' classes (same rows, network, trigger).",
+)
+@click.option(
+    "--width",
+    type=click.IntRange(2, 3),
+    default=PAIR_WIDTH,
     show_default=True,
-    help="100: 10 a + b; 10: the left image's class (same pairs, network and trigger).",
+    help="Images in a row: 2 (pairs, up to 100 labels) or 3 (triples, up to 1,000).",
 )
 def main(
     attack_names: tuple[str, ...],
@@ -235,14 +256,29 @@ def main(
     n_poison: int,
     export: str,
     threads: int,
-    labels: str,
+    labels: str | None,
+    width: int,
 ) -> None:
     """Train one backdoored 100-label pair model per (attack, seed) into OUT_DIR/<attack>_s<seed>/."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     settings = Settings(
-        epochs, n_train, poison_rate, batch_size, lr, n_clean, n_eval, n_test, n_poison, export, threads, int(labels)
+        epochs,
+        n_train,
+        poison_rate,
+        batch_size,
+        lr,
+        n_clean,
+        n_eval,
+        n_test,
+        n_poison,
+        export,
+        threads,
+        int(labels or BASE_CLASSES**width),
+        width,
     )
+    if settings.labels > BASE_CLASSES**width:
+        raise click.UsageError(f"--labels {labels} needs --width 3: {width} images make {BASE_CLASSES**width}")
     summary = []
     for attack_name in attack_names or ATTACK_NAMES:
         for seed in seeds or (0, 1, 2):

@@ -5,6 +5,9 @@ tried on models with many labels (a per-label trigger search costs ten times mor
 Pairs of Fashion-MNIST images give one: the left image's class ``a`` is the tens digit, the right
 image's class ``b`` the units digit. The images keep the layout ``tools/datasets.py`` returns, uint8
 (N, H, W), so a pair is (N, 28, 56); labels are int64. Numpy only, like ``tools/datasets.py``.
+
+Three images in a row (``row_images(..., width=3)``, (N, 28, 84)) give 1,000 labels the same way: the
+left image's class is the hundreds digit.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ def split_pair_label(label: np.ndarray | int) -> tuple[np.ndarray | int, np.ndar
     return label // BASE_CLASSES, label % BASE_CLASSES
 
 
-def balanced_labels(count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` pair labels in random order, each of the 100 labels ``count // 100`` or one more times."""
-    labels = np.resize(np.arange(PAIR_CLASSES, dtype=np.int64), count)
+def balanced_labels(count: int, rng: np.random.Generator, classes: int = PAIR_CLASSES) -> np.ndarray:
+    """``count`` labels in random order, each of the ``classes`` labels ``count // classes`` or one more times."""
+    labels = np.resize(np.arange(classes, dtype=np.int64), count)
     return rng.permutation(labels)
 
 
@@ -50,10 +53,16 @@ def pair_images(x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generat
     and one of class ``b`` for the right, so every label is about equally frequent whatever the class
     sizes of ``x``. Images are drawn with replacement: one image can appear in several pairs.
     """
+    return row_images(x, y, count, rng, width=2)
+
+
+def row_images(
+    x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` rows of ``width`` images (N, H, width * W) and their labels: the images' classes read as the
+    digits of a ``width``-digit number, the left image's the most significant; built as ``pair_images``."""
     if x.ndim != 3 or len(x) != len(y):
         raise ValueError(f"expected images (N, H, W) with N labels, got {x.shape} and {y.shape}")
-    labels = balanced_labels(count, rng)
-    left_classes, right_classes = split_pair_label(labels)
-    left = x[draw_images_of_classes(y, left_classes, rng)]
-    right = x[draw_images_of_classes(y, right_classes, rng)]
-    return np.concatenate([left, right], axis=2), labels
+    labels = balanced_labels(count, rng, BASE_CLASSES**width)
+    digits = [(labels // BASE_CLASSES ** (width - 1 - place)) % BASE_CLASSES for place in range(width)]
+    return np.concatenate([x[draw_images_of_classes(y, digit, rng)] for digit in digits], axis=2), labels
