@@ -90,11 +90,12 @@ EXTERNAL_MODELS := $(patsubst %/model.onnx,%,$(wildcard cache/keras_softmax*/mod
 bench: $(INSTALLED) fashion-mnist
 	$(PY) tools/bench_defense.py --jobs $(BENCH_JOBS) $(foreach dir,$(EXTERNAL_MODELS),--external $(dir))
 
-# Scan and purify time and peak memory against labels (10, 43, 100, 1000; small ResNet, 28x28, every default)
-# and input size (torchvision ResNet-18 and MobileNetV2 at 28, 64, 224, --effort 0.02), each a process of its
-# own; writes docs/SCALING.md, docs/scaling.json and docs/scaling.png (issue 23). Models: tools/scale_models.py,
-# made once into cache/scale/. Options: `$(PY) tools/bench_scale.py --help`. The committed page is a cut-short
-# run at --labels-effort 0.2 (2026-12-07); a full run at these defaults was not timed yet.
+# Scan and purify time and peak memory against labels (10, 43, 100, 1000; small ResNet, 28x28, every default),
+# input size (torchvision ResNet-18 and MobileNetV2 at 28, 64, 224, --effort 0.02) and, on equal evidence,
+# backdoored Fashion-MNIST rows with 10 against 100 (pairs) and 1,000 labels (triples), each a process of its
+# own; writes docs/SCALING.md, docs/scaling.json and docs/scaling.png (issue 23). Models: tools/scale_models.py
+# and tools/many_label_models.py, made once into cache/. Options: `$(PY) tools/bench_scale.py --help`; the
+# committed page's command and times are on it.
 bench-scale: $(INSTALLED) fashion-mnist
 	$(PY) tools/bench_scale.py
 

@@ -116,36 +116,38 @@ def make_folder(case: Case) -> Path:
 
 
 def measure_case(case: Case, work: Path) -> dict[str, object]:
-    """Scan and purify of one case, each in its own process: times, peak memory and what they reported."""
+    """Scan and purify of one case, each in its own process: times, peak memory and what they reported. The
+    pairs curve runs purify alone: its label search is the scan's, timed as purify's `target` stage."""
     folder = make_folder(case)
     model, data = str(folder / "model.onnx"), str(folder / "clean.npz")
     scan_steps = max(1, round(100 * case.effort))
-    scan = measure([ANP, "scan", model, "--data", data, "--trigger-steps", str(scan_steps), "--json"])
+    scan_command = [ANP, "scan", model, "--data", data, "--trigger-steps", str(scan_steps), "--json"]
+    scan = None if case.curve == "pairs" else measure(scan_command)
     report = work / f"{folder.name}.report.json"
     purify_command = [ANP, "purify", model, "--data", data, "-o", str(work / f"{folder.name}.onnx"), "--force"]
     if (folder / "poison.npz").exists():
         purify_command += ["--test-data", str(folder / "test.npz"), "--poison-data", str(folder / "poison.npz")]
     purify = measure([*purify_command, "--report", str(report), "--effort", str(case.effort)])
     for name, run in (("scan", scan), ("purify", purify)):
-        if run.returncode not in (0, 3):
+        if run is not None and run.returncode not in (0, 3):
             raise click.ClickException(f"{name} of {folder.name} failed ({run.returncode}): {run.stderr[-2000:]}")
-    scanned = json.loads(scan.stdout)
     purified = json.loads(report.read_text())
     guided = purified.get("guided") or {}
+    scanned = json.loads(scan.stdout) if scan else {"trigger_labels": guided.get("label_trigger_labels", [])}
     estimate = ESTIMATE.search(purify.stderr)
     return {
         **asdict(case),
-        "scan_seconds": round(scan.seconds, 1),
-        "scan_peak_rss_mib": round(scan.peak_rss_mib),
+        "scan_seconds": round(scan.seconds, 1) if scan else None,
+        "scan_peak_rss_mib": round(scan.peak_rss_mib) if scan else None,
         "purify_seconds": round(purify.seconds, 1),
         "purify_peak_rss_mib": round(purify.peak_rss_mib),
         "purify_estimate": estimate.group(1) if estimate else None,
         "purify_estimate_seconds": _estimated_seconds(estimate),
         "labels_searched": len(scanned["trigger_labels"]),
-        "scan_target": scanned["suspected_target"],
+        "scan_target": scanned.get("suspected_target"),
         "purify_target": guided.get("suspected_target"),
         "true_target": json.loads((folder / "meta.json").read_text()).get("target"),
-        "scan_suspicious": scanned["suspicious"],
+        "scan_suspicious": scanned.get("suspicious"),
         "verdict": (purified.get("verdict") or {}).get("name"),
         "acc_before_after": [purified["before"]["acc"], purified["after"]["acc"]],
         "asr_before_after": [purified["before"]["asr"], purified["after"]["asr"]],
@@ -320,23 +322,23 @@ def pairs_section(rows: list[dict[str, object]]) -> list[str]:
         "10 a + b (100 labels) or by the left image alone (10), triples (28x84) labelled 100 a + 10 b + c (1,000) "
         "or by the left image alone (10): tools/many_label_models.py `--width` and `--labels`. Each carries a live "
         "backdoor, so purify should meet backdoor evidence on each; the stage seconds say which stages ran "
-        "(repair: the repair stage). The ratios are to the 10-label model of the same width.",
+        "(target: the label search, which is what a scan does; repair: the repair stage). The ratios are to the "
+        "10-label model of the same width.",
         "",
-        "| input | labels | labels searched | target (named by scan / purify) | scan s | scan x10 labels | purify s "
-        "| purify x10 labels | purify peak MiB | stage seconds | verdict | ACC before -> after | ASR before -> after |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|---|---|",
+        "| input | labels | labels searched | target (named) | purify s | purify x10 labels | purify peak MiB "
+        "| stage seconds | verdict | ACC before -> after | ASR before -> after |",
+        "|---|---:|---:|---|---:|---:|---:|---|---|---|---|",
     ]
     for size in sorted({row["size"] for row in rows}):
         same_width = [row for row in rows if row["size"] == size]
-        scan_ratio, purify_ratio = ratios(same_width, "scan_seconds"), ratios(same_width, "purify_seconds")
+        purify_ratio = ratios(same_width, "purify_seconds")
         for row in same_width:
             acc, asr = row.get("acc_before_after") or [None, None], row.get("asr_before_after") or [None, None]
             ran = {**(row["stage_seconds"] or {}), "repair": (row["timings"] or {}).get("repair", 0.0)}
             stages = ", ".join(f"{name} {seconds:.0f}" for name, seconds in ran.items() if seconds)
-            named = f"{row['true_target']} ({row['scan_target']} / {row['purify_target']})"
             lines.append(
-                f"| 28x{size} | {row['labels']} | {row['labels_searched']} | {named} | {row['scan_seconds']} "
-                f"| {scan_ratio[row['labels']]} | {row['purify_seconds']} | {purify_ratio[row['labels']]} "
+                f"| 28x{size} | {row['labels']} | {row['labels_searched']} | {row['true_target']} "
+                f"({row['purify_target']}) | {row['purify_seconds']} | {purify_ratio[row['labels']]} "
                 f"| {row['purify_peak_rss_mib']} | {stages} | {row['verdict']} "
                 f"| {percent(acc[0])} -> {percent(acc[1])} | {percent(asr[0])} -> {percent(asr[1])} |"
             )
