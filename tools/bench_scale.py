@@ -12,11 +12,11 @@ resident memory (the child's own, `os.wait4`) are measured:
   defaults take hours at 224) and `--large-images` clean images. The time estimate purify prints after
   its first steps is recorded beside the measured time.
 
-- pairs: purify at equal evidence, 10 against 100 labels: the BadNets Fashion-MNIST pair model of seed 0
-  (tools/many_label_models.py) with its 100-label head and with a 10-label one (`--labels 10`: the same
-  pairs labelled by the left image), at `--pairs-effort`. On the untrained models of the labels curve the
-  label search finds backdoor evidence at some label counts and not at others, so purify's later stages
-  run on some and not on others; these two models both carry a live backdoor.
+- pairs: purify alone at equal evidence, at `--pairs-effort`: BadNets Fashion-MNIST rows of seed 0
+  (tools/many_label_models.py), pairs with 100 labels beside the same pairs with 10 (`--labels 10`: the
+  left image's class), and triples with 1,000 labels beside the same triples with 10. On the untrained
+  models of the labels curve the label search finds backdoor evidence at some label counts and not at
+  others, so purify's later stages run on some and not on others; these models all carry a live backdoor.
 
 The labels and size curves' models come from tools/scale_models.py (random weights, BatchNorm statistics
 from the images, labels the network's own predictions: cost does not depend on training); they are made
@@ -261,9 +261,10 @@ def markdown(results: dict[str, object]) -> str:
         "",
         f"Measured by `make bench-scale` ({results['command']}) on {results['machine']}, {results['started']}; "
         f"{results['minutes']} minutes. Each figure is one `anp-onnx scan` or `anp-onnx purify` process: wall "
-        "time and its own peak resident memory (`os.wait4`). Models: tools/scale_models.py (random weights, "
-        "BatchNorm statistics from the images, the network's own predictions as labels: the cost does not "
-        "depend on training). How the label search stays sub-linear: "
+        "time and its own peak resident memory (`os.wait4`). Models of the labels and size curves: "
+        "tools/scale_models.py (random weights, BatchNorm statistics from the images, the network's own "
+        "predictions as labels: the cost does not depend on training); of the equal-evidence curve: "
+        "tools/many_label_models.py (trained, backdoored). How the label search stays sub-linear: "
         "anp_onnx/methods/trigger/shortlist.py and docs/METHOD.md.",
         "",
         "![scan and purify time against labels and input size](scaling.png)",
@@ -299,7 +300,7 @@ def markdown(results: dict[str, object]) -> str:
         lines.append(
             f"| {row['arch']} | {row['size']} | {row['labels']} | {row['images']} | {row['effort']} "
             f"| {row['scan_seconds']} | {row['scan_peak_rss_mib']} | {row['purify_seconds']} "
-            f"| {row['purify_peak_rss_mib']} | {row['purify_estimate'] or '(under 2 min: none printed)'} "
+            f"| {row['purify_peak_rss_mib']} | {row['purify_estimate'] or 'none (estimated under 2 min)'} "
             f"| {row['verdict']} |"
         )
     lines += pairs_section(results.get("pairs", []))

@@ -74,16 +74,21 @@ class PairData:
     y_test: np.ndarray
 
 
+def digits_dropped(labels: int, width: int) -> int:
+    """What a row's full label (``10 ** width`` of them) is integer-divided by to give one of ``labels``."""
+    return BASE_CLASSES**width // labels
+
+
 def target_for_seed(seed: int, labels: int = PAIR_CLASSES, width: int = PAIR_WIDTH) -> int:
     """The attacker's target label of a seed: drawn among the ``10 ** width`` labels by the seed's own
     generator; with fewer labels (the left images' classes alone), its leading digits."""
-    every = BASE_CLASSES**width
-    return int(np.random.default_rng(seed).integers(every)) // (every // labels)
+    every = int(np.random.default_rng(seed).integers(BASE_CLASSES**width))
+    return every // digits_dropped(labels, width)
 
 
 def relabelled(data: PairData, labels: int, width: int = PAIR_WIDTH) -> PairData:
     """The rows with ``labels`` labels: every ``10 ** width``, or the leading digits alone (the left images)."""
-    drop = BASE_CLASSES**width // labels
+    drop = digits_dropped(labels, width)
     if drop == 1:
         return data
     return PairData(
@@ -169,8 +174,7 @@ def build_model(attack_name: str, seed: int, settings: Settings, out_dir: Path) 
     test = (data.x_test[test_idx], data.y_test[test_idx])
     write_example(folder, model_bytes, (data.x_clean, data.y_clean), test, x_triggered[poison_idx], target)
     ops = [node.op_type for node in onnx.load_from_string(model_bytes).graph.node]
-    every = BASE_CLASSES**settings.width
-    drop = every // settings.labels
+    every, drop = BASE_CLASSES**settings.width, digits_dropped(settings.labels, settings.width)
     meta = {
         "arch": ARCH,
         "attack": None if clean_model else attack_name,

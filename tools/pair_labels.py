@@ -18,16 +18,6 @@ BASE_CLASSES = 10  # classes of the single-image set (Fashion-MNIST)
 PAIR_CLASSES = BASE_CLASSES * BASE_CLASSES
 
 
-def pair_label(left: np.ndarray | int, right: np.ndarray | int) -> np.ndarray | int:
-    """The pair label of a left image of class ``left`` and a right image of class ``right``."""
-    return BASE_CLASSES * left + right
-
-
-def split_pair_label(label: np.ndarray | int) -> tuple[np.ndarray | int, np.ndarray | int]:
-    """(left class, right class) of a pair label: its tens and units digit."""
-    return label // BASE_CLASSES, label % BASE_CLASSES
-
-
 def balanced_labels(count: int, rng: np.random.Generator, classes: int = PAIR_CLASSES) -> np.ndarray:
     """``count`` labels in random order, each of the ``classes`` labels ``count // classes`` or one more times."""
     labels = np.resize(np.arange(classes, dtype=np.int64), count)
