@@ -260,7 +260,7 @@ def markdown(results: dict[str, object]) -> str:
         "# Scaling: labels and input size",
         "",
         f"Measured by `make bench-scale` ({results['command']}) on {results['machine']}, {results['started']}; "
-        f"{results['minutes']} minutes. Each figure is one `anp-onnx scan` or `anp-onnx purify` process: wall "
+        f"{results['minutes']}. Each figure is one `anp-onnx scan` or `anp-onnx purify` process: wall "
         "time and its own peak resident memory (`os.wait4`). Models of the labels and size curves: "
         "tools/scale_models.py (random weights, BatchNorm statistics from the images, the network's own "
         "predictions as labels: the cost does not depend on training); of the equal-evidence curve: "
@@ -423,7 +423,8 @@ def main(
     if len(results["labels"]) < 2:
         raise click.ClickException("the page needs the labels curve: measure it, or give its rows with --from-rows")
     results["fits"] = {name: fits(results["labels"], f"{name}_seconds") for name in ("scan", "purify")}
-    results["minutes"] = round((time.monotonic() - clock) / 60, 1) if curves else "(measured earlier: see notes)"
+    minutes = round((time.monotonic() - clock) / 60, 1)
+    results["minutes"] = f"{minutes} minutes" if curves else "written from rows measured earlier (see the notes)"
     (out.parent / "scaling.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results["labels"], results["size"], out.parent / "scaling.png", results["pairs"])
     out.write_text(markdown(results))
