@@ -144,8 +144,12 @@ def run_purify(
     settings = method_settings(method, iterations)
     what = progress_label(method)
 
+    quarters = 0  # quarters of the way logged so far (the steps are uneven: images, say)
+
     def progress(done: int, total: int) -> None:
-        if done % max(1, total // 4) == 0:
+        nonlocal quarters
+        if 4 * done // max(1, total) > quarters:
+            quarters = 4 * done // max(1, total)
             log(f"  {method}: {what} {done}/{total}")
 
     started = time.perf_counter()

@@ -52,7 +52,7 @@ CACHE = ROOT / "cache" / "scale"
 CURVES = ("labels", "size", "pairs")
 PAIRS = ROOT / "cache" / "many_labels"  # tools/many_label_models.py: BadNets seed 0
 ROWS_OF_IMAGES = ((2, 10), (2, 100), (3, 10), (3, 1000))  # (images in a row, labels): pairs, then triples
-ESTIMATE = re.compile(r"about (.+?) left \((\d+) steps at ([0-9.]+) s each")
+ESTIMATE = re.compile(r"about (.+?) left \((.+?) in all at the pace")
 
 
 @dataclass
@@ -141,7 +141,7 @@ def measure_case(case: Case, work: Path) -> dict[str, object]:
         "scan_peak_rss_mib": round(scan.peak_rss_mib) if scan else None,
         "purify_seconds": round(purify.seconds, 1),
         "purify_peak_rss_mib": round(purify.peak_rss_mib),
-        "purify_estimate": estimate.group(1) if estimate else None,
+        "purify_estimate": estimate.group(2) if estimate else None,  # its trigger stage, in all
         "purify_estimate_seconds": _estimated_seconds(estimate),
         "labels_searched": len(scanned["trigger_labels"]),
         "scan_target": scanned.get("suspected_target"),
@@ -158,8 +158,20 @@ def measure_case(case: Case, work: Path) -> dict[str, object]:
 
 
 def _estimated_seconds(estimate: re.Match | None) -> float | None:
-    """The whole run's estimate from purify's line: the steps left times the seconds per step."""
-    return round(int(estimate.group(2)) * float(estimate.group(3)), 1) if estimate else None
+    """The whole stage's estimate from purify's line, in seconds."""
+    return seconds_in(estimate.group(2)) if estimate else None
+
+
+def seconds_in(duration: str) -> float:
+    """Seconds in a duration as the progress line writes it: `45 s`, `12 min`, `3 h 05 min`."""
+    hours = re.search(r"(\d+) h", duration)
+    minutes = re.search(r"(\d+) min", duration)
+    seconds = re.fullmatch(r"(\d+) s", duration.strip())
+    if not (hours or minutes or seconds):
+        raise ValueError(f"not a duration: {duration!r}")
+    if seconds:
+        return float(seconds.group(1))
+    return 3600.0 * int(hours.group(1) if hours else 0) + 60.0 * int(minutes.group(1) if minutes else 0)
 
 
 def fits(rows: list[dict[str, object]], key: str) -> dict[str, float]:
@@ -293,7 +305,7 @@ def markdown(results: dict[str, object]) -> str:
         "## Against input size (torchvision ResNet-18 and MobileNetV2)",
         "",
         "| network | size | labels | clean images | effort | scan s | scan peak MiB | purify s | purify peak MiB "
-        "| purify's estimate | verdict |",
+        "| purify's estimate of its trigger stage | verdict |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in size_rows:

@@ -72,10 +72,11 @@ def _interrupt(_signal: int, _frame: object) -> None:
 
 
 class ProgressBar:
-    """Progress on stderr, from the first step on (so early errors print alone): a bar with the time left
-    on a terminal, a line every tenth of the way with the time left otherwise (logs of pipelines). Once
-    the first steps have taken `ESTIMATE_AFTER_S`, work expected to last over `LONG_WORK_S` more says
-    so in one line (`remaining_time`), before the bulk of it."""
+    """Progress on stderr, from the first report on (so early errors print alone): a bar with the time
+    left on a terminal, a line every tenth of the way with the time left otherwise (logs of pipelines).
+    Once the work after the first report has taken `ESTIMATE_AFTER_S`, work expected to last over
+    `LONG_WORK_S` more says so in one line, before the bulk of it. The units may be uneven steps (images,
+    say): `advance(done, total)` moves to `done`, and the pace is work per second, not steps."""
 
     ESTIMATE_AFTER_S = 10.0
     LONG_WORK_S = 120.0
@@ -83,33 +84,43 @@ class ProgressBar:
     def __init__(self, length: int, label: str) -> None:
         self.length, self.label, self.bar = length, label, None
         self.done = 0
-        self.started: float | None = None  # when the first step ended: the pace is measured from there
+        self.started: float | None = None  # when the first report came: the pace is measured from there
+        self.done_at_start = 0
         self.estimated = False
+        self.tenths = 0  # tenths of the way reported in a line so far
 
     def advance(self, done: int, total: int) -> None:
-        """`done` of `total` steps are done (the total may be known only once the work has begun)."""
+        """`done` of `total` units are done (the total may be known only once the work has begun)."""
         self.length = total
-        self.step()
+        self._move_to(done)
 
     def step(self, _iteration: int = 0) -> None:
-        self.done += 1
-        self.started = self.started or time.monotonic()
-        elapsed = time.monotonic() - self.started
-        left = remaining_time(elapsed, self.done - 1, self.length - 1)
-        if not self.estimated and elapsed >= self.ESTIMATE_AFTER_S and self.done < self.length:
+        self._move_to(self.done + 1)
+
+    def _move_to(self, done: int) -> None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started, self.done_at_start = now, done
+        moved, self.done = done - self.done, done
+        elapsed = now - self.started
+        left = remaining_time(elapsed, done - self.done_at_start, self.length - self.done_at_start)
+        if not self.estimated and elapsed >= self.ESTIMATE_AFTER_S and done < self.length:
             self.estimated = True
             if left > self.LONG_WORK_S:
                 prefix = "\n" if self.bar is not None else ""
-                line = f"{self.label}: about {duration(left)} left ({self.length - self.done} steps at "
-                click.echo(f"{prefix}{line}{elapsed / (self.done - 1):.2f} s each so far)", err=True)
+                pace = f"({duration(elapsed + left)} in all at the pace of the first {elapsed:.0f} s)"
+                click.echo(f"{prefix}{self.label}: about {duration(left)} left {pace}", err=True)
         if not sys.stderr.isatty():
-            if self.done == self.length or self.done % max(1, self.length // 10) == 0:
-                click.echo(f"{self.label}: {self.done}/{self.length}, about {duration(left)} left", err=True)
+            tenths = 10 * done // max(1, self.length)
+            if tenths > self.tenths:
+                self.tenths = tenths
+                click.echo(f"{self.label}: {done}/{self.length}, about {duration(left)} left", err=True)
             return
         if self.bar is None:
             self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr, show_eta=True)
             self.bar.__enter__()
-        self.bar.update(1)
+        self.bar.length = self.length
+        self.bar.update(moved)
 
     def __enter__(self) -> ProgressBar:
         return self
