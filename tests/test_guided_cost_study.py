@@ -11,7 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from conftest import INPUT_SHAPE, random_samples
 
-from anp_onnx.methods.trigger.guided import GuidedSettings, guided_work
+from anp_onnx.methods.trigger.guided import SEARCH, TRIGGERS, UNLEARNING, GuidedSettings, guided_stage_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -28,10 +28,9 @@ def test_the_default_stages_are_the_benchmarked_counts_and_scale_to_at_least_one
     assert (half.label_trigger_steps, half.label_trigger_batch, half.patch_steps) == (50, 64, 200)
     assert (half.blend_steps, half.unlearning_steps) == (100, 150)
     assert min(vars(stages.scaled(0.001)).values()) == 1
-    # progress counts images: the label search's batch shrinks with the effort, the target's triggers'
-    # batch (128) and unlearning's clean and stamped batches (2 x 128) do not
-    assert guided_work(10) == 10 * 100 * 128 + (400 + 2 * 200) * 128 + 300 * 256
-    assert guided_work(10, half) == 10 * 50 * 64 + (200 + 2 * 100) * 128 + 150 * 256
+    # progress counts a label's trigger as one step of the search: its steps and batch are the effort's
+    assert guided_stage_steps(10) == {SEARCH: 10, TRIGGERS: 400 + 2 * 200, UNLEARNING: 300}
+    assert guided_stage_steps(10, half) == {SEARCH: 10, TRIGGERS: 200 + 2 * 100, UNLEARNING: 150}
 
 
 def test_the_study_purifies_each_folder_with_the_scaled_steps_and_appends_a_line(tmp_path, models):

@@ -144,13 +144,14 @@ def run_purify(
     settings = method_settings(method, iterations)
     what = progress_label(method)
 
-    quarters = 0  # quarters of the way logged so far (the steps are uneven: images, say)
+    quarters: dict[str, int] = {}  # of each stage, the quarters of the way logged so far
 
-    def progress(done: int, total: int) -> None:
-        nonlocal quarters
-        if 4 * done // max(1, total) > quarters:
-            quarters = 4 * done // max(1, total)
-            log(f"  {method}: {what} {done}/{total}")
+    def progress(done: int, total: int, stage: str | None = None) -> None:
+        stage = stage or what
+        quarter = 4 * done // max(1, total)
+        if quarter > quarters.get(stage, 0):
+            quarters[stage] = quarter
+            log(f"  {method}: {stage} {done}/{total}")
 
     started = time.perf_counter()
     result = purify(

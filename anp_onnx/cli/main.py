@@ -72,25 +72,33 @@ def _interrupt(_signal: int, _frame: object) -> None:
 
 
 class ProgressBar:
-    """Progress on stderr, from the first report on (so early errors print alone): a bar with the time
-    left on a terminal, a line every tenth of the way with the time left otherwise (logs of pipelines).
-    Once the work after the first report has taken `ESTIMATE_AFTER_S`, work expected to last over
-    `LONG_WORK_S` more says so in one line, before the bulk of it. The units may be uneven steps (images,
-    say): `advance(done, total)` moves to `done`, and the pace is work per second, not steps."""
+    """Progress on stderr, from the first step on (so early errors print alone), per stage of the work:
+    a bar with the time left on a terminal, a line every tenth of the way with the time left otherwise
+    (logs of pipelines). Once a stage's steps after its first have taken `ESTIMATE_AFTER_S`, a stage
+    expected to last over `LONG_WORK_S` more says so in one line, before the bulk of it. Each stage is
+    timed on its own: steps of different stages cost differently."""
 
     ESTIMATE_AFTER_S = 10.0
     LONG_WORK_S = 120.0
 
     def __init__(self, length: int, label: str) -> None:
         self.length, self.label, self.bar = length, label, None
-        self.done = 0
-        self.started: float | None = None  # when the first report came: the pace is measured from there
-        self.done_at_start = 0
-        self.estimated = False
-        self.tenths = 0  # tenths of the way reported in a line so far
+        self._start_stage(label)
 
-    def advance(self, done: int, total: int) -> None:
-        """`done` of `total` units are done (the total may be known only once the work has begun)."""
+    def _start_stage(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+        self.label, self.bar = label, None
+        self.done = 0
+        self.started: float | None = None  # when the stage's first step ended: its pace is measured from there
+        self.estimated = False
+        self.tenths = 0  # tenths of the stage reported in a line so far
+
+    def advance(self, done: int, total: int, stage: str | None = None) -> None:
+        """`done` of `total` steps of `stage` (None: the one this bar was made for) are done; the total
+        may be known only once the work has begun."""
+        if stage is not None and stage != self.label:
+            self._start_stage(stage)
         self.length = total
         self._move_to(done)
 
@@ -100,10 +108,10 @@ class ProgressBar:
     def _move_to(self, done: int) -> None:
         now = time.monotonic()
         if self.started is None:
-            self.started, self.done_at_start = now, done
+            self.started = now
         moved, self.done = done - self.done, done
         elapsed = now - self.started
-        left = remaining_time(elapsed, done - self.done_at_start, self.length - self.done_at_start)
+        left = remaining_time(elapsed, done - 1, self.length - 1)
         if not self.estimated and elapsed >= self.ESTIMATE_AFTER_S and done < self.length:
             self.estimated = True
             if left > self.LONG_WORK_S:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from anp_onnx.errors import AnpError
 from anp_onnx.methods.settings import AnpMethodSettings, ClpSettings, FinePruningSettings, TriggerMethodSettings
@@ -26,7 +26,12 @@ if TYPE_CHECKING:
     from anp_onnx.methods.trigger.synthesis import Trigger
     from anp_onnx.onnx.neurons import NeuronMap
 
-Progress = Callable[[int, int], None]  # (steps done, steps in all), after each step
+
+class Progress(Protocol):
+    """After each step: `done` of `total` steps of `stage` (None: the one stage the method's
+    `progress_label` names). A method of several stages counts each from 0: their steps cost differently."""
+
+    def __call__(self, done: int, total: int, stage: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class Method:
     name: str
     settings: type
     decide: str
-    progress_label: str  # what the steps `progress` counts are
+    progress_label: str  # what the steps `progress` counts are (its first stage's, with several)
     description: str
 
     def load(self) -> Decide:
@@ -87,7 +92,7 @@ METHODS: dict[str, Method] = {
             "trigger",
             TriggerMethodSettings,
             "anp_onnx.methods.trigger.guided:decide",
-            "synthesising triggers",
+            "searching labels",
             "the target named from clean data, triggers synthesised for it, neurons pruned against them",
         ),
         Method(

@@ -6,7 +6,6 @@ agrees with torch after)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import onnx
 from anp_onnx.bridge.importer import check_equivalence, import_model
 from anp_onnx.data import SampleFile, Samples, load_samples, open_samples
 from anp_onnx.errors import AnpError
-from anp_onnx.methods.registry import MethodContext, decide, get_method
+from anp_onnx.methods.registry import MethodContext, Progress, decide, get_method
 from anp_onnx.methods.repair.settings import RepairSettings
 from anp_onnx.methods.repair.stage import RepairOutcome, repair_stage
 from anp_onnx.methods.settings import PruningChoice, TriggerMethodSettings
@@ -33,6 +32,7 @@ from anp_onnx.validate.evaluate import Evaluator, Metrics
 
 __all__ = ["PruningChoice", "PurifyResult", "default_output", "load_prunable", "progress_label", "purify"]
 
+REPAIRING = "repairing weights"  # the repair stage's progress
 CHECK_SAMPLES = 16
 
 
@@ -89,13 +89,13 @@ def purify(
     poison_data: str | Path | None = None,
     device: str = "auto",
     force: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
     class_output: str | None = None,
 ) -> PurifyResult:
     """Purify one model with `method` and its `settings` (None: the method's defaults; the dataclasses of
     `anp_onnx.methods.settings`); returns everything the CLI prints and the report holds. `class_output`
-    names the graph output holding the classes (default: the first). `on_progress(done, total)` after
-    each step of the method (`progress_label` says what they are)."""
+    names the graph output holding the classes (default: the first). `on_progress(done, total, stage)`
+    after each step of the method (`progress_label` names its steps where `stage` is None) and of repair."""
     chosen = get_method(method)
     settings = chosen.default_settings() if settings is None else settings
     if not isinstance(settings, chosen.settings):
@@ -122,23 +122,13 @@ def purify(
         check_equivalence(classifier, sample, before_evaluator.outputs(sample), str(model_path))
 
     context = MethodContext(model, neuron_map, classifier, clean, torch_device, device, class_output, classes)
-    method_steps = 0
-
-    def method_progress(done: int, total: int) -> None:
-        nonlocal method_steps
-        method_steps = total
-        on_progress(done, total)
-
-    def repair_progress(done: int, total: int) -> None:  # counted on from the method's steps
-        on_progress(method_steps + done, method_steps + total)
-
     with timed(timings, "optimise"):
-        decision = decide(method, context, effective, method_progress if on_progress else None)
+        decision = decide(method, context, effective, on_progress)
     repair_settings = getattr(effective, "repair", None)
     outcome, method_plan = None, decision.plan
     if isinstance(repair_settings, RepairSettings):
         with timed(timings, "repair"):
-            progress = repair_progress if on_progress else None
+            progress = (lambda done, total: on_progress(done, total, REPAIRING)) if on_progress else None
             model, decision, outcome = repair_stage(context, decision, repair_settings, progress)
 
     with timed(timings, "rewrite"):

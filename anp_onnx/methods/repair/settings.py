@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 REPAIR_MODES = ("auto", "never", "always")
-REFIT_BATCH = 128  # images per step of a check's trigger refit
 
 
 @dataclass(frozen=True)
@@ -33,11 +32,6 @@ class RepairSettings:
     max_acc_drop: float = 0.03
     holdout: float = 0.2
     seed: int = 0
-
-    @property
-    def images_per_step(self) -> int:
-        """The images a step passes through the model, with its share of a check's refit (one trigger's)."""
-        return self.batch_size + round(self.refit_steps * REFIT_BATCH / self.check_every)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

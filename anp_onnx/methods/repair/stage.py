@@ -65,8 +65,7 @@ def repair_stage(
 ) -> tuple[onnx.ModelProto, Decision, RepairOutcome]:
     """The model to rewrite (its initializers repaired, or as it was), the decision the rewriter carries
     out (the method's, or no pruning when repair replaced it) and what the stage did. `on_step(done,
-    total)` after each repair step, in images (`RepairSettings.images_per_step`). The classifier ends as
-    the returned model and decision compute."""
+    total)` after each repair step. The classifier ends as the returned model and decision compute."""
     summary = decision.summary or {}
     if not decision.triggers or "suspected_target" not in summary:
         return context.model, decision, RepairOutcome(why="the method synthesised no triggers to check against")
@@ -96,8 +95,7 @@ def repair_stage(
         outcome.why = "pruning removed it: the trigger refitted to the pruned model does not work"
     if settings.mode == "never" or (settings.mode == "auto" and not (pruning_left_it or still_works)):
         return context.model, decision, outcome
-    per_step = settings.images_per_step
-    step = (lambda done: on_step(done * per_step, settings.max_steps * per_step)) if on_step else None
+    step = (lambda done: on_step(done, settings.max_steps)) if on_step else None
     slots = weight_slots(context.classifier, context.model)
     parameters = trainable_parameters(context.classifier, slots)
     original = snapshot(parameters)

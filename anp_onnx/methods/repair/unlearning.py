@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from anp_onnx.bridge.importer import GatedClassifier
 from anp_onnx.bridge.weights import WeightSlot, restore, snapshot, trainable_parameters, weight_slots
-from anp_onnx.methods.repair.settings import REFIT_BATCH, RepairSettings
+from anp_onnx.methods.repair.settings import RepairSettings
 from anp_onnx.methods.trigger.synthesis import Trigger, hit_rate
 from anp_onnx.prune import within_budget
 
@@ -180,6 +180,9 @@ def repair_weights(
         result.chosen = best_check
         result.triggers = [refit.trigger for refit in pool]
     return result
+
+
+REFIT_BATCH = 128
 
 
 class _Refit:

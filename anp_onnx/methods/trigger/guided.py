@@ -32,8 +32,7 @@ from anp_onnx.timing import timed
 DEFAULT_MAX_ACC_DROP = TriggerPruningSettings().max_acc_drop  # the budget, on the clean data given
 BLEND_STEPS = 200  # the blend's opacity ranks labels alike from 200 steps as from 400 (docs/METHOD.md)
 ANOMALOUS_BLEND = 0.5  # the blend is pruned against when the target's opacity is at most this x a typical label's
-# a clean batch and a stamped one per unlearning step (with the blend too, a third: the estimate undershoots)
-UNLEARNING_IMAGES_PER_STEP = 2 * UnlearningSettings().batch_size
+SEARCH, TRIGGERS, UNLEARNING = "searching labels", "synthesising triggers", "unlearning masks"  # the stages
 
 
 @dataclass(frozen=True)
@@ -101,15 +100,18 @@ class GuidedResult:
         }
 
 
-def guided_work(labels: int, stages: GuidedSettings | None = None) -> int:
-    """The images `guided_prune` passes through the classifier in its steps, which `on_step` counts: the
-    label search's steps take `label_trigger_batch` images each (cut by `--effort`), the target's triggers'
-    a full batch, unlearning's a clean and a stamped batch. Counting images rather than steps keeps the
-    time estimate right when the search's steps are the cheap ones."""
+def guided_stage_steps(labels: int, stages: GuidedSettings | None = None) -> dict[str, int]:
+    """The steps `guided_prune` reports through `on_step` for a classifier with `labels` classes, by
+    stage, in order: a label's trigger is a step of the search. Each stage's steps cost alike, which
+    steps of different stages do not (`--effort` cuts the search's batch to a few images, and the
+    search computes in float32 where the target's triggers may use bfloat16), so each stage gets a
+    pace, and a time estimate, of its own."""
     stages = stages or GuidedSettings()
-    search = search_steps(labels, stages.label_trigger_steps) * stages.label_trigger_batch
-    triggers = (stages.patch_steps + 2 * stages.blend_steps) * TriggerSettings().batch_size
-    return search + triggers + stages.unlearning_steps * UNLEARNING_IMAGES_PER_STEP
+    return {
+        SEARCH: search_steps(labels, stages.label_trigger_steps) // stages.label_trigger_steps,
+        TRIGGERS: stages.patch_steps + 2 * stages.blend_steps,
+        UNLEARNING: stages.unlearning_steps,
+    }
 
 
 def guided_prune(
@@ -120,18 +122,17 @@ def guided_prune(
     eps: float,
     seed: int = 0,
     max_acc_drop: float | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
     stages: GuidedSettings | None = None,
 ) -> GuidedResult:
     """The stages on calibrated `classifier` (`perturbation.calibrate`) and clean `x, y`; its masks end hard.
-    `eps`: the label search's neuron perturbation; `on_step(images)` after each step of trigger synthesis
-    and unlearning, with the images it took (`guided_work` in all). Without backdoor evidence
-    (`evidence.py`) nothing is unlearned or pruned: the triggers are only measured."""
+    `eps`: the label search's neuron perturbation; `on_step(stage)` after each of the `guided_stage_steps`
+    steps of the label search, trigger synthesis and unlearning. Without backdoor evidence (`evidence.py`)
+    nothing is unlearned or pruned: the triggers are only measured."""
     stages = stages or GuidedSettings()
-    step = (lambda *_: on_step(TriggerSettings().batch_size)) if on_step else None
-    unlearning_step = (lambda *_: on_step(UNLEARNING_IMAGES_PER_STEP)) if on_step else None
-    label_images = stages.label_trigger_steps * stages.label_trigger_batch
-    label_progress = (lambda *_: on_step(label_images)) if on_step else None
+    step = (lambda *_: on_step(TRIGGERS)) if on_step else None
+    label_progress = (lambda *_: on_step(SEARCH)) if on_step else None
+    unlearning_step = (lambda *_: on_step(UNLEARNING)) if on_step else None
     seconds: dict[str, float] = {}
     with timed(seconds, "target"):
         search = search_target(
@@ -162,8 +163,6 @@ def guided_prune(
         with timed(seconds, "unlearning"):
             unlearning = UnlearningSettings(steps=stages.unlearning_steps, seed=seed)
             ranking = unlearning_ranking(classifier, x, y, triggers, unlearning, unlearning_step)
-    elif on_step is not None:
-        on_step(stages.unlearning_steps * UNLEARNING_IMAGES_PER_STEP)
     if not evidence.found:
         pruning_settings = replace(pruning_settings, max_rounds=0)
     with timed(seconds, "pruning"):
@@ -181,12 +180,12 @@ def decide(context: MethodContext, settings: TriggerMethodSettings, progress: Pr
     calibrate(context.classifier, x, neuron_mode=settings.neuron_mode)
     step = None
     if progress is not None:
-        total, done = guided_work(context.classes, settings.stages), 0
+        totals = guided_stage_steps(context.classes, settings.stages)
+        done = dict.fromkeys(totals, 0)
 
-        def step(images: int) -> None:
-            nonlocal done
-            done += images
-            progress(done, total)
+        def step(stage: str) -> None:
+            done[stage] += 1
+            progress(done[stage], totals[stage], stage)
 
     guided = guided_prune(
         context.classifier,
