@@ -5,6 +5,7 @@ label of the search is two steps of 3 images and an evaluation, a trigger step 1
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 from anp_onnx.cli.main import ProgressBar
@@ -13,12 +14,18 @@ from anp_onnx.methods.settings import TriggerMethodSettings
 from anp_onnx.methods.trigger.guided import SEARCH, TRIGGERS, UNLEARNING, guided_stage_steps
 from anp_onnx.pipeline.purify import REPAIRING, purify
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.bench_scale import seconds_in, stage_estimates  # noqa: E402
+
 CLI = importlib.import_module("anp_onnx.cli.main")  # the module: the package's `main` is the command
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "badnets_resnet_bn"
+EXAMPLE = ROOT / "examples" / "badnets_resnet_bn"
 
 
 def test_each_stage_is_estimated_at_its_own_pace(capsys, monkeypatch):
-    times = iter([0.0, 12.0, 13.0, 14.0, 30.0])
+    times = iter([0.0, 12.0, 13.0, 14.0, 30.0, 31.0])
     monkeypatch.setattr(CLI.time, "monotonic", lambda: next(times))
     bar = ProgressBar(0, SEARCH)
     bar.advance(1, 100, SEARCH)  # the pace is measured from the end of a stage's first step
@@ -26,10 +33,12 @@ def test_each_stage_is_estimated_at_its_own_pace(capsys, monkeypatch):
     bar.advance(100, 100, SEARCH)
     bar.advance(1, 800, TRIGGERS)
     bar.advance(400, 800, TRIGGERS)  # 399 steps in 16 s: 16 s more, not 399 x 12 s
+    bar.advance(1, 10, UNLEARNING)  # a tenth of the way, but no pace yet
     assert capsys.readouterr().err.splitlines() == [
         "searching labels: about 20 min left (20 min in all at the pace of the first 12 s)",
         "searching labels: 100/100, about 0 s left",
         "synthesising triggers: 400/800, about 16 s left",
+        "unlearning masks: 1/10",
     ]
 
 
@@ -51,3 +60,19 @@ def test_purify_counts_each_stage_from_its_first_step_to_its_last(tmp_path):
             assert counts == [(done, totals[stage]) for done in range(1, len(counts) + 1)]
         else:
             assert counts == [(done, totals[stage]) for done in range(1, totals[stage] + 1)], stage
+
+
+def test_bench_scale_reads_each_stage_estimate_purify_prints_beside_what_the_stage_took(capsys, monkeypatch):
+    times = iter([0.0, 12.0, 14.0, 40.0])
+    monkeypatch.setattr(CLI.time, "monotonic", lambda: next(times))
+    bar = ProgressBar(0, SEARCH)
+    bar.advance(1, 100, SEARCH)
+    bar.advance(2, 100, SEARCH)
+    bar.advance(1, 40, TRIGGERS)
+    bar.advance(2, 40, TRIGGERS)  # 26 s a step: about 16 min more
+    stderr = capsys.readouterr().err
+    assert stage_estimates(stderr, {"target": 1150.5, "triggers": 990.0}, {"timings_s": {"repair": 0.0}}) == [
+        {"stage": SEARCH, "estimate": "20 min", "estimate_seconds": 1200.0, "measured_seconds": 1150.5},
+        {"stage": TRIGGERS, "estimate": "17 min", "estimate_seconds": 1020.0, "measured_seconds": 990.0},
+    ]
+    assert [seconds_in(text) for text in ("45 s", "12 min", "3 h 05 min")] == [45.0, 720.0, 11100.0]

@@ -52,7 +52,13 @@ CACHE = ROOT / "cache" / "scale"
 CURVES = ("labels", "size", "pairs")
 PAIRS = ROOT / "cache" / "many_labels"  # tools/many_label_models.py: BadNets seed 0
 ROWS_OF_IMAGES = ((2, 10), (2, 100), (3, 10), (3, 1000))  # (images in a row, labels): pairs, then triples
-ESTIMATE = re.compile(r"about (.+?) left \((.+?) in all at the pace")
+ESTIMATE = re.compile(r"^([a-z ]+): about (.+?) left \((.+?) in all at the pace", re.MULTILINE)  # one per stage
+STAGE_TIMED_AS = {  # purify's progress stages, and the stage seconds of its report that time them
+    "searching labels": "target",
+    "synthesising triggers": "triggers",
+    "unlearning masks": "unlearning",
+    "repairing weights": "repair",
+}
 
 
 @dataclass
@@ -134,15 +140,13 @@ def measure_case(case: Case, work: Path) -> dict[str, object]:
     purified = json.loads(report.read_text())
     guided = purified.get("guided") or {}
     scanned = json.loads(scan.stdout) if scan else {"trigger_labels": guided.get("label_trigger_labels", [])}
-    estimate = ESTIMATE.search(purify.stderr)
     return {
         **asdict(case),
         "scan_seconds": round(scan.seconds, 1) if scan else None,
         "scan_peak_rss_mib": round(scan.peak_rss_mib) if scan else None,
         "purify_seconds": round(purify.seconds, 1),
         "purify_peak_rss_mib": round(purify.peak_rss_mib),
-        "purify_estimate": estimate.group(2) if estimate else None,  # its trigger stage, in all
-        "purify_estimate_seconds": _estimated_seconds(estimate),
+        "purify_estimates": stage_estimates(purify.stderr, guided.get("stage_seconds") or {}, purified),
         "labels_searched": len(scanned["trigger_labels"]),
         "scan_target": scanned.get("suspected_target"),
         "purify_target": guided.get("suspected_target"),
@@ -157,9 +161,19 @@ def measure_case(case: Case, work: Path) -> dict[str, object]:
     }
 
 
-def _estimated_seconds(estimate: re.Match | None) -> float | None:
-    """The whole stage's estimate from purify's line, in seconds."""
-    return seconds_in(estimate.group(2)) if estimate else None
+def stage_estimates(stderr: str, stage_seconds: dict[str, float], report: dict) -> list[dict[str, object]]:
+    """Each stage's estimate that purify printed (stages expected to last over 2 min more), in all,
+    beside the seconds the stage took (the report's; the label search's include its neuron perturbations)."""
+    measured = {**stage_seconds, "repair": (report.get("timings_s") or {}).get("repair")}
+    return [
+        {
+            "stage": stage,
+            "estimate": in_all,
+            "estimate_seconds": seconds_in(in_all),
+            "measured_seconds": measured.get(STAGE_TIMED_AS.get(stage, "")),
+        }
+        for stage, _left, in_all in ESTIMATE.findall(stderr)
+    ]
 
 
 def seconds_in(duration: str) -> float:
@@ -305,20 +319,30 @@ def markdown(results: dict[str, object]) -> str:
         "## Against input size (torchvision ResNet-18 and MobileNetV2)",
         "",
         "| network | size | labels | clean images | effort | scan s | scan peak MiB | purify s | purify peak MiB "
-        "| purify's estimate of its trigger stage | verdict |",
+        "| purify's estimates (stage: estimate in all (measured)) | verdict |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in size_rows:
         lines.append(
             f"| {row['arch']} | {row['size']} | {row['labels']} | {row['images']} | {row['effort']} "
             f"| {row['scan_seconds']} | {row['scan_peak_rss_mib']} | {row['purify_seconds']} "
-            f"| {row['purify_peak_rss_mib']} | {row['purify_estimate'] or 'none (estimated under 2 min)'} "
+            f"| {row['purify_peak_rss_mib']} | {estimates_cell(row)} "
             f"| {row['verdict']} |"
         )
     lines += pairs_section(results.get("pairs", []))
     lines += ["", *results.get("notes", []), ""]
     lines += [MANY_LABELS_POINTER, ""]
     return "\n".join(lines)
+
+
+def estimates_cell(row: dict[str, object]) -> str:
+    """The stages purify estimated, each `stage: estimate (measured s)`."""
+    estimates = row.get("purify_estimates")
+    if estimates is None:  # rows measured before the estimates came per stage
+        return str(row.get("purify_estimate") or "none (estimated under 2 min)") + " (one estimate for every stage)"
+    if not estimates:
+        return "none (no stage over 2 min)"
+    return "; ".join(f"{item['stage']}: {item['estimate']} ({item['measured_seconds']} s)" for item in estimates)
 
 
 def pairs_section(rows: list[dict[str, object]]) -> list[str]:

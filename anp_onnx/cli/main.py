@@ -122,7 +122,8 @@ class ProgressBar:
             tenths = 10 * done // max(1, self.length)
             if tenths > self.tenths:
                 self.tenths = tenths
-                click.echo(f"{self.label}: {done}/{self.length}, about {duration(left)} left", err=True)
+                pace = f", about {duration(left)} left" if done > 1 else ""  # one step gives no pace yet
+                click.echo(f"{self.label}: {done}/{self.length}{pace}", err=True)
             return
         if self.bar is None:
             self.bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr, show_eta=True)
