@@ -9,8 +9,8 @@ resident memory (the child's own, `os.wait4`) are measured:
   (`--effort 1`), 500 clean images;
 - input size: torchvision ResNet-18 and MobileNetV2 at 28, 64 and 224 pixels with 10 labels, and at 224
   with 1,000, with `--effort` `--large-effort` (every stage's step count scaled; on 2 CPU cores the
-  defaults take hours at 224) and `--large-images` clean images. The time estimate purify prints after
-  its first steps is recorded beside the measured time.
+  defaults take hours at 224) and `--large-images` clean images. The time estimate purify prints for
+  each stage expected to last over 2 min is recorded beside the seconds the stage took.
 
 - pairs: purify alone at equal evidence, at `--pairs-effort`: BadNets Fashion-MNIST rows of seed 0
   (tools/many_label_models.py), pairs with 100 labels beside the same pairs with 10 (`--labels 10`: the
@@ -337,9 +337,7 @@ def markdown(results: dict[str, object]) -> str:
 
 def estimates_cell(row: dict[str, object]) -> str:
     """The stages purify estimated, each `stage: estimate (measured s)`."""
-    estimates = row.get("purify_estimates")
-    if estimates is None:  # rows measured before the estimates came per stage
-        return str(row.get("purify_estimate") or "none (estimated under 2 min)") + " (one estimate for every stage)"
+    estimates = row["purify_estimates"]
     if not estimates:
         return "none (no stage over 2 min)"
     return "; ".join(f"{item['stage']}: {item['estimate']} ({item['measured_seconds']} s)" for item in estimates)

@@ -82,7 +82,7 @@ class ProgressBar:
     LONG_WORK_S = 120.0
 
     def __init__(self, length: int, label: str) -> None:
-        self.length, self.label, self.bar = length, label, None
+        self.length, self.bar = length, None
         self._start_stage(label)
 
     def _start_stage(self, label: str) -> None:
@@ -100,12 +100,6 @@ class ProgressBar:
         if stage is not None and stage != self.label:
             self._start_stage(stage)
         self.length = total
-        self._move_to(done)
-
-    def step(self, _iteration: int = 0) -> None:
-        self._move_to(self.done + 1)
-
-    def _move_to(self, done: int) -> None:
         now = time.monotonic()
         if self.started is None:
             self.started = now
