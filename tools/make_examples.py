@@ -24,6 +24,10 @@ EXAMPLES: dict[str, list[str]] = {
     "wanet_resnet_bn": [
         "--arch", "small_resnet", "--attack", "wanet", "--seed", "2", "--export", "bn", "--threads", "1",
     ],
+    "sig_resnet_bn": [
+        "--arch", "small_resnet", "--attack", "sig", "--seed", "5", "--target", "0", "--poison-rate", "0.05",
+        "--export", "bn", "--threads", "1",
+    ],
     "clean_resnet_bn": [
         "--arch", "small_resnet", "--clean-model", "--seed", "3", "--export", "bn", "--threads", "1",
     ],

@@ -21,11 +21,9 @@ class RepairSettings:
     optimizer: str = "sgd"
     clip_norm: float = 1.0
     distill: bool = True  # every input, stamped or not, should get the output its clean version had
-    stamped_share: float = 0.2  # of each batch stamped with a trigger, as many perturbed
+    stamped_share: float = 0.2  # of each batch stamped with a trigger
     check_every: int = 25  # held-out accuracy and the refitted triggers' ASR, every this many steps
     refit_steps: int = 40  # each check refits the triggers to the current model for this many steps
-    perturbation_eps: float = 0.0  # L-inf size of the universal perturbation towards the target
-    perturbation_steps: int = 10
     patience: int = 2  # checks past the budget in a row before returning to the best checkpoint
     max_backtracks: int = 3
     max_asr: float = 0.03

@@ -1,18 +1,18 @@
 """Repair: change the kept weights so that the suspected target can no longer be reached by a trigger,
 using the clean data alone (after Neural Cleanse's unlearning and the min-max of i-BAU/SAU).
 
-    min_w  KL(f_0(x) || f_w(x)) + KL(f_0(x') || f_w(t(x'))) + KL(f_0(x') || f_w(x' + d)),   t, d refitted to f_w
+    min_w  KL(f_0(x) || f_w(x)) + KL(f_0(x') || f_w(t(x'))),   t refitted to f_w
 
-`f_0` is the model as given, `t` the synthesised triggers (patch, blend) of the suspected target, `d` a
-universal L-inf perturbation towards it (off by default: `perturbation_eps` 0): every input is taught the
-original model's output on its unstamped version (with `distill` off, cross-entropy on its own label). Every
-`check_every` steps the triggers and `d` are refitted to the current weights (the inner max: a backdoor that
-survives finds a trigger of the same size again) and the held-out clean accuracy is measured; training stops
-as soon as the refitted triggers' success is at most `max_asr` within the budget, and otherwise keeps the
-checkpoint with the lowest success within the budget (accuracy dips as the triggers are first unlearned, then
-recovers: only `patience` checks past the budget in a row return to the best checkpoint and halve the step
-size, and `max_backtracks` such returns end the run). The model stays in eval mode: BatchNorm keeps its
-running statistics, so what is trained is exactly what the ONNX file computes.
+`f_0` is the model as given, `t` the synthesised triggers of the suspected target (patch, blend, or the
+universal additive perturbation of `trigger/additive.py`): every input is taught the original model's output
+on its unstamped version (with `distill` off, cross-entropy on its own label). Every `check_every` steps the
+triggers are refitted to the current weights (the inner max: a backdoor that survives finds a trigger of the
+same size again) and the held-out clean accuracy is measured; training stops as soon as the refitted
+triggers' success is at most `max_asr` within the budget, and otherwise keeps the checkpoint with the lowest
+success within the budget (accuracy dips as the triggers are first unlearned, then recovers: only
+`patience` checks past the budget in a row return to the best checkpoint and halve the step size, and
+`max_backtracks` such returns end the run). The model stays in eval mode: BatchNorm keeps its running
+statistics, so what is trained is exactly what the ONNX file computes.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from anp_onnx.bridge.importer import GatedClassifier
 from anp_onnx.bridge.weights import WeightSlot, restore, snapshot, trainable_parameters, weight_slots
 from anp_onnx.methods.repair.settings import RepairSettings
+from anp_onnx.methods.trigger.additive import AdditiveTrigger, refine_additive
 from anp_onnx.methods.trigger.synthesis import Trigger, hit_rate
 from anp_onnx.prune import within_budget
 
@@ -96,12 +97,12 @@ def repair_weights(
     x, y = train
     held_x, held_y = held_out
     others = held_x[held_y != target]
-    low, high = x.amin(), x.amax()
     with _only_trainable(classifier, parameters):
         classifier.eval()
         result = RepairResult(slots, _accuracy_with_all_neurons(classifier, held_x, held_y))
-        pool = [_Refit(trigger) for trigger in triggers]
-        perturbation = torch.zeros((1, *x.shape[1:]), device=x.device)
+        pool = [
+            _AdditiveRefit(trigger) if isinstance(trigger, AdditiveTrigger) else _Refit(trigger) for trigger in triggers
+        ]
         if settings.optimizer == "adam":
             optimizer = torch.optim.Adam(parameters, lr=settings.lr)
         else:
@@ -109,15 +110,9 @@ def repair_weights(
         best = snapshot(parameters)
 
         def check(step: int) -> RepairCheck:
-            nonlocal perturbation
             for refit in pool:
                 refit.fit(classifier, x[y != target], target, settings.refit_steps, generator)
             stamped = [refit.trigger.stamp(others) for refit in pool]
-            if settings.perturbation_eps > 0:
-                perturbation = _universal_perturbation(
-                    classifier, x[y != target], target, perturbation, settings, generator, low, high
-                )
-                stamped.append((others + perturbation).clamp(low, high))
             labels = torch.full((len(others),), target, device=x.device)
             asr = max(hit_rate(classifier, batch, labels) for batch in stamped)
             return RepairCheck(step, hit_rate(classifier, held_x, held_y), asr)
@@ -131,9 +126,7 @@ def repair_weights(
         outside = 0  # checks past the budget in a row
         for step in range(1, settings.max_steps + 1):
             index = torch.randint(len(x), (settings.batch_size,), generator=generator, device=x.device)
-            images, labels = _stamped_batch(
-                x[index], y[index], target, pool, perturbation, generator, low, high, settings.stamped_share
-            )
+            images, labels = _stamped_batch(x[index], y[index], target, pool, generator, settings.stamped_share)
             outputs = classifier(images).float()
             if settings.distill:
                 loss = F.kl_div(F.log_softmax(outputs, dim=1), reference[index], reduction="batchmean")
@@ -222,36 +215,27 @@ class _Refit:
         return mask * torch.clamp(self.size / mask.sum().clamp_min(1e-12), max=1.0)
 
 
-def _universal_perturbation(classifier, inputs, target, start, settings, generator, low, high) -> torch.Tensor:
-    """A perturbation of L-inf size `perturbation_eps` that sends inputs of other labels to `target`
-    (signed-gradient steps from the last one)."""
-    perturbation = start.detach().clone().requires_grad_(True)
-    step_size = settings.perturbation_eps / 4
-    for _ in range(settings.perturbation_steps):
-        batch = inputs[torch.randint(len(inputs), (128,), generator=generator, device=inputs.device)]
-        labels = torch.full((len(batch),), target, device=inputs.device)
-        loss = F.cross_entropy(classifier((batch + perturbation).clamp(low, high)).float(), labels)
-        (gradient,) = torch.autograd.grad(loss, perturbation)
-        with torch.no_grad():
-            perturbation -= step_size * gradient.sign()
-            perturbation.clamp_(-settings.perturbation_eps, settings.perturbation_eps)
-    return perturbation.detach()
+class _AdditiveRefit:
+    """An additive trigger refitted to the model being repaired from where it was, within its bound."""
+
+    def __init__(self, trigger: AdditiveTrigger) -> None:
+        self.trigger = trigger
+
+    def fit(self, classifier: GatedClassifier, inputs: torch.Tensor, target: int, steps: int, generator) -> None:
+        self.trigger = refine_additive(classifier, inputs, self.trigger, steps, generator, REFIT_BATCH)
 
 
-def _stamped_batch(images, labels, target, pool, perturbation, generator, low, high, share):
-    """`share` of the batch stamped with a trigger of the pool, as many perturbed, the rest as it is;
-    inputs labelled `target` stay clean. Every input keeps its own label."""
-    draw = torch.rand(len(images), generator=generator, device=images.device)
-    choice = torch.where(draw < share, 1, torch.where(draw < 2 * share, 2, 0))
-    choice[labels == target] = 0
+def _stamped_batch(images, labels, target, pool, generator, share):
+    """`share` of the batch stamped with a trigger of the pool, the rest as it is; inputs labelled `target`
+    stay clean. Every input keeps its own label."""
+    stamped = torch.rand(len(images), generator=generator, device=images.device) < share
+    stamped[labels == target] = False
     result = images.clone()
     if pool:
         which = torch.randint(len(pool), (len(images),), generator=generator, device=images.device)
         for position, refit in enumerate(pool):
-            chosen = (choice == 1) & (which == position)
+            chosen = stamped & (which == position)
             result[chosen] = refit.trigger.stamp(images[chosen])
-    perturbed = choice == 2
-    result[perturbed] = (images[perturbed] + perturbation).clamp(low, high)
     return result.detach(), labels
 
 

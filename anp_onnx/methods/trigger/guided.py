@@ -21,6 +21,8 @@ from anp_onnx.methods.anp import mask_values
 from anp_onnx.methods.perturbation import calibrate, tensors
 from anp_onnx.methods.registry import Decision, MethodContext, Progress
 from anp_onnx.methods.settings import TriggerMethodSettings
+from anp_onnx.methods.trigger.additive import DEFAULT_STEPS as ADDITIVE_STEPS
+from anp_onnx.methods.trigger.additive import synthesise_additive
 from anp_onnx.methods.trigger.evidence import BackdoorEvidence, weigh
 from anp_onnx.methods.trigger.pruning import TriggerPruningResult, TriggerPruningSettings, prune_against_trigger
 from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, synthesise_trigger
@@ -44,6 +46,7 @@ class GuidedSettings:
     label_trigger_batch: int = TriggerSettings().batch_size
     patch_steps: int = TriggerSettings().steps
     blend_steps: int = BLEND_STEPS
+    additive_steps: int = ADDITIVE_STEPS
     unlearning_steps: int = UnlearningSettings().steps
 
     def scaled(self, factor: float) -> GuidedSettings:
@@ -53,14 +56,17 @@ class GuidedSettings:
 
 @dataclass
 class GuidedResult:
-    """`triggers`: the ones pruned against (the patch, and the blend when anomalous); `blend_reference`:
-    the blend synthesised for a typical label, which the target's is compared with."""
+    """`triggers`: the ones pruned against (the patch when the search or its size is evidence, the blend
+    when anomalous, the additive trigger when it is evidence); `blend_reference` and `additive_reference`:
+    the blend and additive triggers synthesised for a typical label, which the target's are compared with."""
 
     search: TargetSearch
     triggers: list[Trigger]
     blend_reference: Trigger
     pruning: TriggerPruningResult
     evidence: BackdoorEvidence
+    additive: Trigger | None = None  # the suspected label's additive trigger, pruned against or not
+    additive_reference: Trigger | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     stages: GuidedSettings = field(default_factory=GuidedSettings)
     precision: str = "float32"  # what trigger synthesis and unlearning computed in (fast_eval.reduced_precision)
@@ -92,6 +98,8 @@ class GuidedResult:
             "label_shortlist": self.search.shortlist.summary() if self.search.shortlist else None,
             "triggers": [trigger.summary() for trigger in self.triggers],
             "blend_reference": self.blend_reference.summary(),
+            "additive": self.additive.summary() if self.additive else None,
+            "additive_reference": self.additive_reference.summary() if self.additive_reference else None,
             **self.pruning.summary(),
             **self.evidence.summary(),
             "stage_seconds": self.seconds,
@@ -109,7 +117,7 @@ def guided_stage_steps(labels: int, stages: GuidedSettings | None = None) -> dic
     stages = stages or GuidedSettings()
     return {
         SEARCH: search_steps(labels, stages.label_trigger_steps) // stages.label_trigger_steps,
-        TRIGGERS: stages.patch_steps + 2 * stages.blend_steps,
+        TRIGGERS: stages.patch_steps + 2 * stages.blend_steps + 2 * stages.additive_steps,
         UNLEARNING: stages.unlearning_steps,
     }
 
@@ -148,13 +156,21 @@ def guided_prune(
     target = search.evidence.label
     with timed(seconds, "triggers"):
         patch_settings = TriggerSettings("patch", steps=stages.patch_steps, seed=seed)
-        triggers = [synthesise_trigger(classifier, x, y, target, patch_settings, step)]
+        patch = synthesise_trigger(classifier, x, y, target, patch_settings, step)
         blend_settings = TriggerSettings("blend", steps=stages.blend_steps, seed=seed)
         blend = synthesise_trigger(classifier, x, y, target, blend_settings, step)
-        reference = synthesise_trigger(classifier, x, y, typical_label(search), blend_settings, step)
-        if blend.size <= ANOMALOUS_BLEND * reference.size:
-            triggers.append(blend)
-    evidence = weigh(search.evidence.score, triggers[0].size, search.sizes)
+        typical = typical_label(search)
+        reference = synthesise_trigger(classifier, x, y, typical, blend_settings, step)
+        additive, additive_reference = (
+            synthesise_additive(classifier, x, y, label, steps=stages.additive_steps, seed=seed, on_step=step)
+            for label in (target, typical)
+        )
+    evidence = weigh(search.evidence.score, patch.size, search.sizes, additive.success, additive_reference.success)
+    triggers = [patch] if evidence.patch_found or not evidence.additive_found else []
+    if blend.size <= ANOMALOUS_BLEND * reference.size:
+        triggers.append(blend)
+    if evidence.additive_found:
+        triggers.append(additive)
     pruning_settings = (
         TriggerPruningSettings() if max_acc_drop is None else TriggerPruningSettings(max_acc_drop=max_acc_drop)
     )
@@ -170,7 +186,9 @@ def guided_prune(
     if not evidence.found and not pruning.synthesis_failed:
         pruning.stopped_because = evidence.reason()
     precision = precision_name(classifier, x.device)
-    return GuidedResult(search, triggers, reference, pruning, evidence, seconds, stages, precision)
+    return GuidedResult(
+        search, triggers, reference, pruning, evidence, additive, additive_reference, seconds, stages, precision
+    )
 
 
 def decide(context: MethodContext, settings: TriggerMethodSettings, progress: Progress | None = None) -> Decision:

@@ -99,7 +99,7 @@ def synthesise_trigger(
         mask_shape[axis] = 1
     if settings.kind == "blend":
         mask_shape = [1] * x.ndim
-    low, high = _value_range(x, axis)
+    low, high = value_range(x, axis)
     initial = torch.logit(torch.tensor(INITIAL_MASKS[settings.kind])).item()
     mask_logit = torch.full(mask_shape, initial, device=x.device, requires_grad=True)
     pattern_logit = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
@@ -184,7 +184,7 @@ def hit_rate(classifier: GatedClassifier, inputs: torch.Tensor, labels: torch.Te
     return int((predicted == labels.to(predicted.device)).sum()) / len(inputs)
 
 
-def _value_range(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def value_range(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel minimum and maximum of clean images; over all values for other inputs (a feature
     that is constant on clean data, such as a border pixel, must still be free to carry a trigger)."""
     if axis is None:
