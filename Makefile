@@ -84,7 +84,7 @@ many-label-models: $(INSTALLED) fashion-mnist
 # (prune + repair, and the same run's pruning alone), Fine-Pruning and CLP through the same rewriters, and the
 # scan, on every model; the Keras/tf2onnx Softmax models of `make keras-model` join as rows of their own where
 # they have been made (cache/keras_softmax*/). Writes docs/RESULTS.md, docs/results.json and the threshold
-# figure (56 min with BENCH_JOBS=2 on the 2-core machine, models already trained, 2026-12-07).
+# figure (66 min with BENCH_JOBS=2 on the 2-core machine, models already trained, 2026-12-07 21:52).
 # Options: `$(PY) tools/bench_defense.py --help`.
 EXTERNAL_MODELS := $(patsubst %/model.onnx,%,$(wildcard cache/keras_softmax*/model.onnx))
 bench: $(INSTALLED) fashion-mnist
