@@ -23,14 +23,15 @@ from tools.guided_cost_study import main  # noqa: E402
 def test_the_default_stages_are_the_benchmarked_counts_and_scale_to_at_least_one_step():
     stages = GuidedSettings()
     assert (stages.label_trigger_steps, stages.label_trigger_batch, stages.patch_steps) == (100, 128, 400)
-    assert (stages.blend_steps, stages.unlearning_steps) == (200, 300)
+    assert (stages.blend_steps, stages.additive_steps, stages.unlearning_steps) == (200, 60, 300)
     half = stages.scaled(0.5)
     assert (half.label_trigger_steps, half.label_trigger_batch, half.patch_steps) == (50, 64, 200)
-    assert (half.blend_steps, half.unlearning_steps) == (100, 150)
+    assert (half.blend_steps, half.additive_steps, half.unlearning_steps) == (100, 30, 150)
     assert min(vars(stages.scaled(0.001)).values()) == 1
-    # progress counts a label's trigger as one step of the search: its steps and batch are the effort's
-    assert guided_stage_steps(10) == {SEARCH: 10, TRIGGERS: 400 + 2 * 200, UNLEARNING: 300}
-    assert guided_stage_steps(10, half) == {SEARCH: 10, TRIGGERS: 200 + 2 * 100, UNLEARNING: 150}
+    # progress counts a label's trigger as one step of the search: its steps and batch are the effort's;
+    # the triggers' stage is the patch, two blends and two additive triggers (the target's, a typical label's)
+    assert guided_stage_steps(10) == {SEARCH: 10, TRIGGERS: 400 + 2 * 200 + 2 * 60, UNLEARNING: 300}
+    assert guided_stage_steps(10, half) == {SEARCH: 10, TRIGGERS: 200 + 2 * 100 + 2 * 30, UNLEARNING: 150}
 
 
 def test_the_study_purifies_each_folder_with_the_scaled_steps_and_appends_a_line(tmp_path, models):
