@@ -60,8 +60,7 @@ def test_the_additive_signal_needs_the_target_reachable_and_a_typical_label_not(
     assert ("backdoor evidence" if found else "no backdoor evidence") in evidence.reason()
 
 
-@pytest.mark.slow  # about three minutes on two CPU cores: the whole default
-def test_purify_by_default_removes_a_sig_backdoor_and_says_so(tmp_path):
+def test_purify_by_default_removes_a_sig_backdoor_and_says_so(tmp_path):  # 100 s on two CPU cores
     result = purify(
         SIG / "model.onnx",
         SIG / "clean.npz",
