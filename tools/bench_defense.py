@@ -48,7 +48,9 @@ from anp_onnx.data import load_samples  # noqa: E402
 from anp_onnx.methods import baselines  # noqa: E402
 from anp_onnx.methods.repair.settings import RepairSettings  # noqa: E402
 from anp_onnx.methods.settings import AnpMethodSettings, AnpSettings, TriggerMethodSettings  # noqa: E402
-from anp_onnx.methods.trigger.evidence import SUSPICIOUS_SCORE  # noqa: E402
+from anp_onnx.methods.trigger.additive import DEFAULT_BOUND as ADDITIVE_BOUND  # noqa: E402
+from anp_onnx.methods.trigger.additive import DEFAULT_STEPS as ADDITIVE_STEPS  # noqa: E402
+from anp_onnx.methods.trigger.evidence import ADDITIVE_SUCCESS, SUSPICIOUS_SCORE  # noqa: E402
 from anp_onnx.methods.trigger.guided import ANOMALOUS_BLEND, BLEND_STEPS, DEFAULT_MAX_ACC_DROP  # noqa: E402
 from anp_onnx.methods.trigger.pruning import TriggerPruningSettings  # noqa: E402
 from anp_onnx.methods.trigger.synthesis import TriggerSettings  # noqa: E402
@@ -344,8 +346,10 @@ def settings_record(
             f"method trigger: the target named as the scan names it ({PERTURBATION_ROUNDS} adversarial "
             f"neuron perturbations, eps {trigger.eps:g}, and a patch trigger per label in {LABEL_TRIGGER_STEPS} "
             f"steps), a patch trigger synthesised for it in {TriggerSettings().steps} steps and a blend trigger in "
-            f"{BLEND_STEPS} (kept when its opacity is at most {ANOMALOUS_BLEND:g} x a typical label's), masks "
-            f"unlearned against them in {UnlearningSettings().steps} steps, greedy "
+            f"{BLEND_STEPS} (kept when its opacity is at most {ANOMALOUS_BLEND:g} x a typical label's) and an additive "
+            f"one in {ADDITIVE_STEPS} (within {ADDITIVE_BOUND:g} of the value range; kept, in place of the patch when "
+            f"it alone is evidence, when it succeeds on at least {ADDITIVE_SUCCESS:g} and a typical label's does not), "
+            f"masks unlearned against them in {UnlearningSettings().steps} steps, greedy "
             f"pruning until its ASR is <= {TriggerPruningSettings().max_asr:g} or the next neuron would cost more "
             f"than {DEFAULT_MAX_ACC_DROP:g} of clean accuracy; then repair `{repair.mode}` (it runs when the "
             f"trigger refitted to the pruned model still succeeds above {repair.max_asr:g}, or pruning stopped "

@@ -32,8 +32,8 @@ ADDITIVE_SUCCESS = 0.7
 class BackdoorEvidence:
     score: float
     refined_size_ratio: float
-    additive_success: float = 0.0  # the suspected label's additive trigger
-    additive_reference: float = 0.0  # a typical label's
+    additive_success: float  # the suspected label's additive trigger
+    additive_reference: float  # a typical label's
 
     @property
     def patch_found(self) -> bool:
@@ -70,8 +70,8 @@ def weigh(
     score: float,
     patch_size: float,
     label_sizes: list[float],
-    additive_success: float = 0.0,
-    additive_reference: float = 0.0,
+    additive_success: float,
+    additive_reference: float,
 ) -> BackdoorEvidence:
     """The evidence from the search's `score`, the suspected label's full patch trigger size against every
     label's 100-step size, and the additive triggers' successes (the suspected label's, a typical label's)."""

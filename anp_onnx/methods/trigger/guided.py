@@ -65,8 +65,8 @@ class GuidedResult:
     blend_reference: Trigger
     pruning: TriggerPruningResult
     evidence: BackdoorEvidence
-    additive: Trigger | None = None  # the suspected label's additive trigger, pruned against or not
-    additive_reference: Trigger | None = None
+    additive: Trigger  # the suspected label's additive trigger, pruned against or not
+    additive_reference: Trigger
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     stages: GuidedSettings = field(default_factory=GuidedSettings)
     precision: str = "float32"  # what trigger synthesis and unlearning computed in (fast_eval.reduced_precision)
@@ -98,8 +98,8 @@ class GuidedResult:
             "label_shortlist": self.search.shortlist.summary() if self.search.shortlist else None,
             "triggers": [trigger.summary() for trigger in self.triggers],
             "blend_reference": self.blend_reference.summary(),
-            "additive": self.additive.summary() if self.additive else None,
-            "additive_reference": self.additive_reference.summary() if self.additive_reference else None,
+            "additive": self.additive.summary(),
+            "additive_reference": self.additive_reference.summary(),
             **self.pruning.summary(),
             **self.evidence.summary(),
             "stage_seconds": self.seconds,
