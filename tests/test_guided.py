@@ -6,15 +6,16 @@ trigger's opacity, and pruning against the triggers removes the real backdoor.""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from anp_onnx.cli.main import main
-from anp_onnx.methods.trigger.guided import ANOMALOUS_BLEND, BLEND_STEPS
+from anp_onnx.methods.trigger.guided import ANOMALOUS_BLEND, BLEND_STEPS, smallest_reaching, typical_label
 from anp_onnx.methods.trigger.pruning import TriggerPruningSettings, prune_against_trigger
-from anp_onnx.methods.trigger.synthesis import TriggerSettings, hit_rate, synthesise_trigger
-from anp_onnx.methods.trigger.target import perturbation_errors, suspected_target
+from anp_onnx.methods.trigger.synthesis import Trigger, TriggerSettings, hit_rate, synthesise_trigger
+from anp_onnx.methods.trigger.target import TargetSearch, perturbation_errors, suspected_target, weigh_evidence
 from anp_onnx.pipeline.purify import purify
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -40,6 +41,27 @@ def test_the_backdoor_target_is_reached_with_a_smaller_trigger_than_another_labe
     to_other = synthesise_trigger(*backdoored, target=4, settings=QUICK_TRIGGER)
     assert to_target.success > 0.95
     assert to_target.size < 0.5 * to_other.size
+    assert smallest_reaching([to_other, to_target]) is to_target
+
+
+def test_of_the_candidates_triggers_the_smallest_that_reaches_its_label_names_the_target():
+    reaching, tiny_but_failed, larger = _patch(2, 30.0, 0.99), _patch(6, 5.0, 0.2), _patch(8, 40.0, 0.97)
+    assert smallest_reaching([larger, tiny_but_failed, reaching]) is reaching
+    assert smallest_reaching([_patch(1, 9.0, 0.1), _patch(3, 7.0, 0.3)]).target == 3
+
+
+def test_the_typical_label_is_the_median_of_the_labels_other_than_the_target():
+    sizes = [40.0, 90.0, 70.0, 80.0, 120.0, 60.0]
+    triggers = [_patch(label, size) for label, size in enumerate(sizes)]
+    histogram = np.zeros(6, dtype=np.int64)
+    smallest_named = TargetSearch(weigh_evidence(histogram, sizes), histogram, 0, triggers, 0.0)
+    assert smallest_named.evidence.label == 0 and typical_label(smallest_named) == 3  # 60 70 [80] 90 120
+    median_named = smallest_named.naming(3)  # a dominant share can name a label of median size
+    assert typical_label(median_named) == 2  # 40 60 [70] 90 120
+
+
+def _patch(label: int, size: float, success: float = 1.0) -> Trigger:
+    return Trigger("patch", label, torch.zeros(1, 4, 4), torch.zeros(1, 4, 4), success, size)
 
 
 @pytest.mark.slow  # 89 s on two CPU cores (two 200-step blends on the VGG); make bench's Blend cells run the gate

@@ -210,9 +210,11 @@ def purify(
         write_json(report, summary)
     if method == "trigger" and result.guided is not None:
         guided = result.guided
+        tied = [candidate["target"] for candidate in guided.get("target_candidates", [])]
+        among = f"; of tied labels {', '.join(map(str, tied))}, the smallest full trigger" if tied else ""
         click.echo(
             f"suspected target {guided['suspected_target']} (its trigger {guided['size_ratio']:.2f} x the median "
-            f"label's, {100 * guided['target_share']:.0f}% of the perturbation's errors); "
+            f"label's, {100 * guided['target_share']:.0f}% of the perturbation's errors{among}); "
             f"synthetic trigger ASR {percent(guided['synthetic_asr_before'])} -> "
             f"{percent(guided['synthetic_asr_after'])}; stopped: {guided['stopped_because']}"
         )

@@ -28,11 +28,14 @@ TRIGGER_STEPS = LABEL_TRIGGER_STEPS
 class ScanResult:
     """`score`: the larger of the suspected target's share of the perturbation's errors and of one minus
     its trigger's size over the median size (`anp_onnx.methods.trigger.target.weigh_evidence`); `target_share` and
-    `size_ratio` are those two parts. `perturbation_target` is the label the perturbation alone names."""
+    `size_ratio` are those two parts. `perturbation_target` is the label the perturbation alone names;
+    `candidates` the labels whose triggers were too close in size to tell apart (purify's longer synthesis
+    decides among them)."""
 
     model: str
     score: float
     suspected_target: int
+    candidates: list[int]
     target_share: float
     size_ratio: float
     suspicious: bool
@@ -81,6 +84,7 @@ def scan(
         model=str(model_path),
         score=round(evidence.score, 4),
         suspected_target=evidence.label,
+        candidates=list(evidence.candidates),
         target_share=round(evidence.share, 4),
         size_ratio=round(evidence.size_ratio, 4),
         suspicious=evidence.score >= SUSPICIOUS_SCORE,

@@ -70,6 +70,7 @@ class GuidedResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     stages: GuidedSettings = field(default_factory=GuidedSettings)
     precision: str = "float32"  # what trigger synthesis and unlearning computed in (fast_eval.reduced_precision)
+    candidates: list[Trigger] = field(default_factory=list)  # a full patch per label the search could not tell apart
 
     @property
     def target(self) -> int:
@@ -88,6 +89,7 @@ class GuidedResult:
         evidence = self.search.evidence
         return {
             "suspected_target": self.target,
+            "target_candidates": [trigger.summary() for trigger in self.candidates],
             "target_share": round(evidence.share, 4),
             "size_ratio": round(evidence.size_ratio, 4),
             "score": round(evidence.score, 4),
@@ -108,18 +110,25 @@ class GuidedResult:
         }
 
 
-def guided_stage_steps(labels: int, stages: GuidedSettings | None = None) -> dict[str, int]:
+def guided_stage_steps(labels: int, stages: GuidedSettings | None = None, candidates: int = 1) -> dict[str, int]:
     """The steps `guided_prune` reports through `on_step` for a classifier with `labels` classes, by
     stage, in order: a label's trigger is a step of the search. Each stage's steps cost alike, which
     steps of different stages do not (`--effort` cuts the search's batch to a few images, and the
     search computes in float32 where the target's triggers may use bfloat16), so each stage gets a
-    pace, and a time estimate, of its own."""
+    pace, and a time estimate, of its own. `candidates`: the labels the search could not tell apart,
+    each synthesised a full patch trigger (one, until the search has said)."""
     stages = stages or GuidedSettings()
     return {
         SEARCH: search_steps(labels, stages.label_trigger_steps) // stages.label_trigger_steps,
-        TRIGGERS: stages.patch_steps + 2 * stages.blend_steps + 2 * stages.additive_steps,
+        TRIGGERS: trigger_stage_steps(stages, candidates),
         UNLEARNING: stages.unlearning_steps,
     }
+
+
+def trigger_stage_steps(stages: GuidedSettings, candidates: int) -> int:
+    """The trigger stage's steps: a patch per candidate label, the blend and additive triggers for the
+    target and a typical label."""
+    return candidates * stages.patch_steps + 2 * stages.blend_steps + 2 * stages.additive_steps
 
 
 def guided_prune(
@@ -132,11 +141,14 @@ def guided_prune(
     max_acc_drop: float | None = None,
     on_step: Callable[[str], None] | None = None,
     stages: GuidedSettings | None = None,
+    on_stage_steps: Callable[[str, int], None] | None = None,
 ) -> GuidedResult:
     """The stages on calibrated `classifier` (`perturbation.calibrate`) and clean `x, y`; its masks end hard.
     `eps`: the label search's neuron perturbation; `on_step(stage)` after each of the `guided_stage_steps`
-    steps of the label search, trigger synthesis and unlearning. Without backdoor evidence (`evidence.py`)
-    nothing is unlearned or pruned: the triggers are only measured."""
+    steps of the label search, trigger synthesis and unlearning (`on_stage_steps(stage, steps)` when a
+    stage takes more steps than `guided_stage_steps` said: a full patch trigger for each of the search's
+    candidates, the smallest naming the target). Without backdoor evidence (`evidence.py`) nothing is
+    unlearned or pruned: the triggers are only measured."""
     stages = stages or GuidedSettings()
     step = (lambda *_: on_step(TRIGGERS)) if on_step else None
     label_progress = (lambda *_: on_step(SEARCH)) if on_step else None
@@ -153,10 +165,15 @@ def guided_prune(
             seed=seed,
             on_label=label_progress,
         )
-    target = search.evidence.label
     with timed(seconds, "triggers"):
         patch_settings = TriggerSettings("patch", steps=stages.patch_steps, seed=seed)
-        patch = synthesise_trigger(classifier, x, y, target, patch_settings, step)
+        candidates = search.evidence.candidates or (search.evidence.label,)
+        if len(candidates) > 1 and on_stage_steps is not None:
+            on_stage_steps(TRIGGERS, trigger_stage_steps(stages, len(candidates)))
+        patches = [synthesise_trigger(classifier, x, y, label, patch_settings, step) for label in candidates]
+        patch = smallest_reaching(patches)
+        search = search.naming(patch.target)
+        target = patch.target
         blend_settings = TriggerSettings("blend", steps=stages.blend_steps, seed=seed)
         blend = synthesise_trigger(classifier, x, y, target, blend_settings, step)
         typical = typical_label(search)
@@ -187,7 +204,17 @@ def guided_prune(
         pruning.stopped_because = evidence.reason()
     precision = precision_name(classifier, x.device)
     return GuidedResult(
-        search, triggers, reference, pruning, evidence, additive, additive_reference, seconds, stages, precision
+        search,
+        triggers,
+        reference,
+        pruning,
+        evidence,
+        additive,
+        additive_reference,
+        seconds,
+        stages,
+        precision,
+        patches if len(patches) > 1 else [],
     )
 
 
@@ -196,7 +223,7 @@ def decide(context: MethodContext, settings: TriggerMethodSettings, progress: Pr
     torch.manual_seed(settings.seed)
     x, y = tensors(context.clean.x, context.clean.y, context.torch_device)
     calibrate(context.classifier, x, neuron_mode=settings.neuron_mode)
-    step = None
+    step = grown = None
     if progress is not None:
         totals = guided_stage_steps(context.classes, settings.stages)
         done = dict.fromkeys(totals, 0)
@@ -204,6 +231,9 @@ def decide(context: MethodContext, settings: TriggerMethodSettings, progress: Pr
         def step(stage: str) -> None:
             done[stage] += 1
             progress(done[stage], totals[stage], stage)
+
+        def grown(stage: str, steps: int) -> None:
+            totals[stage] = steps
 
     guided = guided_prune(
         context.classifier,
@@ -214,11 +244,23 @@ def decide(context: MethodContext, settings: TriggerMethodSettings, progress: Pr
         max_acc_drop=settings.max_acc_drop,
         on_step=step,
         stages=settings.stages,
+        on_stage_steps=grown,
     )
     return Decision(guided.plan, mask_values(context.classifier), guided.summary(), list(guided.triggers))
 
 
+def smallest_reaching(patches: list[Trigger]) -> Trigger:
+    """The smallest of the candidates' patch triggers that reach their label (the smallest of all if none does):
+    a backdoor's trigger keeps shrinking with more steps, a natural label's does not (`evidence.py`)."""
+    reaching = TriggerPruningSettings().min_trigger_success
+    return min(patches, key=lambda trigger: (trigger.success < reaching, trigger.size))
+
+
 def typical_label(search: TargetSearch) -> int:
-    """The label whose patch trigger has the median size (the upper one of an even count)."""
-    ranked = sorted(search.triggers, key=lambda trigger: trigger.size)
-    return ranked[len(ranked) // 2].target
+    """Of the labels other than the suspected target, the one whose patch trigger has the median size (the
+    lower one of an even count: where the target's trigger is the smallest, the upper median of all labels)."""
+    ranked = sorted(
+        (trigger for trigger in search.triggers if trigger.target != search.evidence.label),
+        key=lambda trigger: trigger.size,
+    )
+    return ranked[(len(ranked) - 1) // 2].target if ranked else search.evidence.label

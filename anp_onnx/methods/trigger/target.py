@@ -3,13 +3,15 @@
 Two signals: adversarial neuron perturbations push a backdoored model's clean inputs mostly onto the
 attacker's target (Wu & Wang's observation), a clean model's errors spread out; and the target is
 reached with a much smaller synthesised trigger than the other labels (Neural Cleanse's). The
-trigger sizes shortlist the labels, the perturbation's errors pick among them (`weigh_evidence`).
+trigger sizes shortlist the labels, the perturbation's errors pick among them, and a label that takes
+most of the perturbation's errors is named even when its trigger is not among the smallest
+(`weigh_evidence`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -71,37 +73,57 @@ def suspected_target(histogram: np.ndarray) -> tuple[int, float]:
 
 
 SIZE_TIE = 0.05  # trigger sizes this close to the smallest are a tie (seed-to-seed noise, docs/METHOD.md)
+# A label taking this share of the perturbation's errors is a suspect whatever its trigger's size: clean
+# models sent at most 0.49 of their errors to one label, backdoored ones up to 0.93 (docs/METHOD.md)
+DOMINANT_SHARE = 0.6
 
 
 @dataclass(frozen=True)
 class TargetEvidence:
     """`share`: the label's share of the perturbation's errors; `size_ratio`: its trigger's size over
     the median size of all labels' triggers; `score`: the stronger of the two signals, the larger of
-    `share` and `1 - size_ratio`, in [0, 1] (either alone can fail: docs/METHOD.md)."""
+    `share` and `1 - size_ratio`, in [0, 1] (either alone can fail: docs/METHOD.md); `candidates`: the
+    labels the sizes could not tell apart from the named one (itself included), which a longer
+    synthesis can (`guided.py`)."""
 
     label: int
     share: float
     size_ratio: float
     score: float
+    candidates: tuple[int, ...] = ()
 
 
 def weigh_evidence(
     histogram: np.ndarray, sizes: Sequence[float], tie: float = SIZE_TIE, labels: Sequence[int] | None = None
 ) -> TargetEvidence:
     """The suspected target from both signals: the labels whose trigger is within `tie` of the
-    smallest are the shortlist, the one of them with most perturbation errors is the target.
-    `sizes[i]` is the trigger size of label `labels[i]` (default: label i, every label searched),
-    `histogram` the perturbation errors per label."""
+    smallest are the candidates, the one of them with most perturbation errors is named, unless a label
+    takes at least `DOMINANT_SHARE` of the errors and so scores higher (the candidates are then that
+    label alone). `sizes[i]` is the trigger size of label `labels[i]` (default: label i, every label
+    searched), `histogram` the perturbation errors per label."""
     sizes = np.asarray(sizes, dtype=np.float64)
     searched = np.arange(len(sizes)) if labels is None else np.asarray(labels, dtype=np.int64)
-    outputs = int(max(len(histogram), searched.max() + 1))
-    counts = np.pad(histogram, (0, max(0, outputs - len(histogram))))[searched]
-    shares = counts / max(1, int(histogram.sum()))
+    shares = _label_shares(histogram, searched)
     ties = np.flatnonzero(sizes <= sizes.min() * (1 + tie))
     chosen = int(ties[np.argmax(shares[ties])])
+    dominant = int(np.argmax(shares))
+    if shares[dominant] >= DOMINANT_SHARE and _score(shares, sizes, dominant) > _score(shares, sizes, chosen):
+        chosen, ties = dominant, np.array([dominant])
     ratio = float(sizes[chosen] / np.median(sizes))
-    score = max(float(shares[chosen]), 1.0 - ratio, 0.0)
-    return TargetEvidence(int(searched[chosen]), float(shares[chosen]), ratio, score)
+    candidates = tuple(int(searched[index]) for index in ties)
+    return TargetEvidence(
+        int(searched[chosen]), float(shares[chosen]), ratio, _score(shares, sizes, chosen), candidates
+    )
+
+
+def _label_shares(histogram: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each of `labels`' share of all the perturbation's errors."""
+    outputs = int(max(len(histogram), labels.max() + 1))
+    return np.pad(histogram, (0, outputs - len(histogram)))[labels] / max(1, int(histogram.sum()))
+
+
+def _score(shares: np.ndarray, sizes: np.ndarray, index: int) -> float:
+    return max(float(shares[index]), 1.0 - float(sizes[index] / np.median(sizes)), 0.0)
 
 
 def _add(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -125,6 +147,14 @@ class TargetSearch:
     @property
     def labels(self) -> list[int]:
         return [trigger.target for trigger in self.triggers]
+
+    def naming(self, label: int) -> TargetSearch:
+        """This search with `label`, one of the searched labels, named the suspected target instead."""
+        sizes = np.asarray(self.sizes, dtype=np.float64)
+        shares = _label_shares(self.histogram, np.asarray(self.labels, dtype=np.int64))
+        index = self.labels.index(label)
+        share, ratio, score = float(shares[index]), float(sizes[index] / np.median(sizes)), _score(shares, sizes, index)
+        return replace(self, evidence=replace(self.evidence, label=label, share=share, size_ratio=ratio, score=score))
 
     @property
     def sizes(self) -> list[float]:
