@@ -11,7 +11,7 @@ from pathlib import Path
 from anp_onnx.cli.main import ProgressBar
 from anp_onnx.methods.repair.settings import RepairSettings
 from anp_onnx.methods.settings import TriggerMethodSettings
-from anp_onnx.methods.trigger.guided import SEARCH, TRIGGERS, UNLEARNING, guided_stage_steps
+from anp_onnx.methods.trigger.guided import SEARCH, TRIGGERS, UNLEARNING, guided_stage_steps, trigger_stage_steps
 from anp_onnx.pipeline.purify import REPAIRING, purify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,10 @@ def test_purify_counts_each_stage_from_its_first_step_to_its_last(tmp_path):
     for stage, counts in reports.items():
         if stage == REPAIRING:  # repair may stop early, on its checks
             assert counts == [(done, totals[stage]) for done in range(1, len(counts) + 1)]
+        elif stage == TRIGGERS:  # a full patch per label the search left tied, announced before the first step
+            total = counts[-1][1]
+            assert total in {trigger_stage_steps(effective.stages, tied) for tied in range(1, 11)}
+            assert counts == [(done, total) for done in range(1, total + 1)]
         else:
             assert counts == [(done, totals[stage]) for done in range(1, totals[stage] + 1)], stage
 
