@@ -110,17 +110,17 @@ class GuidedResult:
         }
 
 
-def guided_stage_steps(labels: int, stages: GuidedSettings | None = None, candidates: int = 1) -> dict[str, int]:
+def guided_stage_steps(labels: int, stages: GuidedSettings | None = None) -> dict[str, int]:
     """The steps `guided_prune` reports through `on_step` for a classifier with `labels` classes, by
     stage, in order: a label's trigger is a step of the search. Each stage's steps cost alike, which
     steps of different stages do not (`--effort` cuts the search's batch to a few images, and the
     search computes in float32 where the target's triggers may use bfloat16), so each stage gets a
-    pace, and a time estimate, of its own. `candidates`: the labels the search could not tell apart,
-    each synthesised a full patch trigger (one, until the search has said)."""
+    pace, and a time estimate, of its own. The trigger stage is counted for one candidate label; it
+    grows where the search leaves several (`guided_prune`'s `on_stage_steps`)."""
     stages = stages or GuidedSettings()
     return {
         SEARCH: search_steps(labels, stages.label_trigger_steps) // stages.label_trigger_steps,
-        TRIGGERS: trigger_stage_steps(stages, candidates),
+        TRIGGERS: trigger_stage_steps(stages, 1),
         UNLEARNING: stages.unlearning_steps,
     }
 
@@ -167,7 +167,7 @@ def guided_prune(
         )
     with timed(seconds, "triggers"):
         patch_settings = TriggerSettings("patch", steps=stages.patch_steps, seed=seed)
-        candidates = search.evidence.candidates or (search.evidence.label,)
+        candidates = search.evidence.candidates
         if len(candidates) > 1 and on_stage_steps is not None:
             on_stage_steps(TRIGGERS, trigger_stage_steps(stages, len(candidates)))
         patches = [synthesise_trigger(classifier, x, y, label, patch_settings, step) for label in candidates]

@@ -90,7 +90,7 @@ class TargetEvidence:
     share: float
     size_ratio: float
     score: float
-    candidates: tuple[int, ...] = ()
+    candidates: tuple[int, ...]
 
 
 def weigh_evidence(
@@ -109,11 +109,15 @@ def weigh_evidence(
     dominant = int(np.argmax(shares))
     if shares[dominant] >= DOMINANT_SHARE and _score(shares, sizes, dominant) > _score(shares, sizes, chosen):
         chosen, ties = dominant, np.array([dominant])
-    ratio = float(sizes[chosen] / np.median(sizes))
-    candidates = tuple(int(searched[index]) for index in ties)
-    return TargetEvidence(
-        int(searched[chosen]), float(shares[chosen]), ratio, _score(shares, sizes, chosen), candidates
-    )
+    return _evidence_at(searched, shares, sizes, chosen, tuple(int(searched[index]) for index in ties))
+
+
+def _evidence_at(
+    searched: np.ndarray, shares: np.ndarray, sizes: np.ndarray, index: int, candidates: tuple[int, ...]
+) -> TargetEvidence:
+    """The evidence naming `searched[index]`, from every searched label's error share and trigger size."""
+    ratio = float(sizes[index] / np.median(sizes))
+    return TargetEvidence(int(searched[index]), float(shares[index]), ratio, _score(shares, sizes, index), candidates)
 
 
 def _label_shares(histogram: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -150,11 +154,10 @@ class TargetSearch:
 
     def naming(self, label: int) -> TargetSearch:
         """This search with `label`, one of the searched labels, named the suspected target instead."""
-        sizes = np.asarray(self.sizes, dtype=np.float64)
-        shares = _label_shares(self.histogram, np.asarray(self.labels, dtype=np.int64))
-        index = self.labels.index(label)
-        share, ratio, score = float(shares[index]), float(sizes[index] / np.median(sizes)), _score(shares, sizes, index)
-        return replace(self, evidence=replace(self.evidence, label=label, share=share, size_ratio=ratio, score=score))
+        searched = np.asarray(self.labels, dtype=np.int64)
+        shares, sizes = _label_shares(self.histogram, searched), np.asarray(self.sizes, dtype=np.float64)
+        evidence = _evidence_at(searched, shares, sizes, self.labels.index(label), self.evidence.candidates)
+        return replace(self, evidence=evidence)
 
     @property
     def sizes(self) -> list[float]:
